@@ -1,0 +1,567 @@
+//! [`MemoryStore`]: keyed limit state in this process, sharded, bounded.
+
+use std::fmt;
+use std::future::{Future, ready};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as TableEntry;
+
+use crate::algorithm::{self, Earliest, State};
+use crate::store::{Held, Limit, Reservation, Reserve, Store, StoreError, Verdict};
+use crate::{Clock, Decision, SystemClock, Timestamp};
+
+/// The default maximum number of keys a [`MemoryStore`] holds.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// How many entries are looked at to choose one to evict when a shard is full.
+const EVICTION_SAMPLE: usize = 16;
+
+/// A shard is swept for expired keys no more often than this many entries.
+const MIN_SWEEP: usize = 64;
+
+/// Limit state in this process's memory: the default store, nothing to install.
+///
+/// * **Keyed and concurrent.** Keys are spread over shards (by default four per core, at least
+///   16), each a `Mutex` around a hash table; a decision locks one shard for a few hundred
+///   nanoseconds. A decision over several limits locks their shards in index order, so it is atomic
+///   (all or nothing) without deadlock. Clones share the same state.
+/// * **Forgets what carries no information.** A key whose state is back to fresh (a full bucket, a
+///   window that has passed) is dropped: lazily, by an amortised sweep of its shard as keys are
+///   added, or at once with [`purge`](Self::purge).
+/// * **Bounded.** It holds at most [`max_keys`](MemoryStoreBuilder::max_keys) keys (default
+///   [`DEFAULT_MAX_KEYS`]), so a flood of distinct keys cannot exhaust memory. When a new key arrives
+///   at a full shard, expired keys are swept first; if the shard is still full, the store forgets
+///   the sampled key that is closest to fresh (earliest expiry among 16). That key starts fresh if
+///   it comes back: it can get up to one extra quota, never less than its quota. Size the cap above
+///   the number of keys active within one refill period and this never happens.
+/// * **Footprint.** About 90 bytes per token-bucket key with a 15-byte key on 64-bit Linux, up to
+///   about 160 right after a table has grown (measured by the `footprint` test with a counting
+///   allocator: table slot, entry and the key's own allocation). Longer keys add their length; a
+///   sliding-window-log key also holds 16 bytes per admitted request still in its window.
+///
+/// ```
+/// use tollgate_core::{Limit, MemoryStore, Quota};
+///
+/// # fn main() -> Result<(), tollgate_core::QuotaError> {
+/// let store = MemoryStore::new();
+/// let tier = Quota::per_minute(100)?.with_burst(2)?;
+/// let global = Quota::per_second(1000)?;
+/// let limits = [Limit::new("user:alice", &tier, 1), Limit::new("global", &global, 1)];
+/// assert!(store.decide_now(&limits).is_allowed());
+/// assert!(store.decide_now(&limits).is_allowed());
+/// let third = store.decide_now(&limits);
+/// assert!(!third.is_allowed()); // alice's burst is spent; the global bucket was not charged
+/// # Ok(())
+/// # }
+/// ```
+pub struct MemoryStore<C = SystemClock> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for MemoryStore<C> {
+    fn clone(&self) -> Self {
+        MemoryStore {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C> fmt::Debug for MemoryStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.inner.shards.len())
+            .field("max_keys", &self.inner.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<C> {
+    shards: Box<[Shard]>,
+    hasher: hashbrown::DefaultHashBuilder,
+    shard_capacity: usize,
+    max_keys: usize,
+    clock: C,
+}
+
+/// One shard, alone on its cache lines so two cores never false-share.
+#[repr(align(128))]
+struct Shard {
+    table: Mutex<Table>,
+}
+
+struct Entry {
+    key: Box<str>,
+    state: State,
+    expires: Timestamp,
+}
+
+/// Where and when a [`Table::put`] happens.
+struct Put<'a, S> {
+    now: Timestamp,
+    capacity: usize,
+    hasher: &'a S,
+}
+
+impl<S> Clone for Put<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S> Copy for Put<'_, S> {}
+
+struct Table {
+    entries: HashTable<Entry>,
+    /// Sweep when the table reaches this size ...
+    sweep_at: usize,
+    /// ... and at least half its size in keys was added since the last sweep (amortised O(1)).
+    added_since_sweep: usize,
+}
+
+/// Builds a [`MemoryStore`] with a cap, a shard count or a clock of your choosing.
+#[derive(Debug, Clone)]
+pub struct MemoryStoreBuilder<C = SystemClock> {
+    max_keys: usize,
+    shards: Option<usize>,
+    clock: C,
+}
+
+impl MemoryStoreBuilder<SystemClock> {
+    fn new() -> Self {
+        MemoryStoreBuilder {
+            max_keys: DEFAULT_MAX_KEYS,
+            shards: None,
+            clock: SystemClock::new(),
+        }
+    }
+}
+
+impl<C: Clock> MemoryStoreBuilder<C> {
+    /// The most keys the store holds (at least one per shard). Default [`DEFAULT_MAX_KEYS`].
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys.max(1);
+        self
+    }
+
+    /// The number of shards, rounded up to a power of two. Default: four per core, at least 16.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards.max(1));
+        self
+    }
+
+    /// The clock decisions are made with (a [`ManualClock`](crate::ManualClock) in tests).
+    pub fn clock<C2: Clock>(self, clock: C2) -> MemoryStoreBuilder<C2> {
+        MemoryStoreBuilder {
+            max_keys: self.max_keys,
+            shards: self.shards,
+            clock,
+        }
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore<C> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let wanted = self
+            .shards
+            .unwrap_or((cores * 4).max(16))
+            .next_power_of_two();
+        // A power of two no larger than the cap, so every shard holds at least one key and the
+        // shards together never hold more than `max_keys`.
+        let largest = 1usize << self.max_keys.ilog2();
+        let shards = wanted.min(largest);
+        let shard_capacity = self.max_keys / shards;
+        MemoryStore {
+            inner: Arc::new(Inner {
+                shards: (0..shards)
+                    .map(|_| Shard {
+                        table: Mutex::new(Table {
+                            entries: HashTable::new(),
+                            sweep_at: MIN_SWEEP.min(shard_capacity),
+                            added_since_sweep: 0,
+                        }),
+                    })
+                    .collect(),
+                hasher: hashbrown::DefaultHashBuilder::default(),
+                shard_capacity,
+                max_keys: shard_capacity * shards,
+                clock: self.clock,
+            }),
+        }
+    }
+}
+
+impl MemoryStore<SystemClock> {
+    /// A store with the system clock and the default cap.
+    pub fn new() -> Self {
+        MemoryStoreBuilder::new().build()
+    }
+
+    /// Configure the cap, the shards or the clock.
+    pub fn builder() -> MemoryStoreBuilder<SystemClock> {
+        MemoryStoreBuilder::new()
+    }
+}
+
+impl Default for MemoryStore<SystemClock> {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
+    // A panic while holding the lock cannot leave a table half-written (every update is one
+    // assignment), so a poisoned lock is safe to keep using.
+    shard.table.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Table {
+    fn get(&self, hash: u64, key: &str) -> Option<&State> {
+        self.entries
+            .find(hash, |e| &*e.key == key)
+            .map(|e| &e.state)
+    }
+
+    fn take(&mut self, hash: u64, key: &str) -> Option<State> {
+        match self.entries.find_entry(hash, |e| &*e.key == key) {
+            Ok(occupied) => Some(occupied.remove().0.state),
+            Err(_) => None,
+        }
+    }
+
+    /// Stores `state` for `key`, or forgets the key if the state carries no information at `now`.
+    fn put<S: BuildHasher>(
+        &mut self,
+        hash: u64,
+        key: &str,
+        state: State,
+        expires: Timestamp,
+        at: Put<'_, S>,
+    ) {
+        let Put {
+            now,
+            capacity,
+            hasher,
+        } = at;
+        let rehash = |e: &Entry| hasher.hash_one(&*e.key);
+        match self.entries.entry(hash, |e| &*e.key == key, rehash) {
+            TableEntry::Occupied(mut occupied) => {
+                if expires <= now {
+                    occupied.remove();
+                } else {
+                    let entry = occupied.get_mut();
+                    entry.state = state;
+                    entry.expires = expires;
+                }
+            }
+            TableEntry::Vacant(_) if expires <= now => {}
+            TableEntry::Vacant(_) => {
+                let len = self.entries.len();
+                if len >= self.sweep_at && self.added_since_sweep >= len / 2 {
+                    self.entries.retain(|e| e.expires > now);
+                    self.sweep_at =
+                        (self.entries.len() * 2).clamp(MIN_SWEEP.min(capacity), capacity);
+                    self.added_since_sweep = 0;
+                }
+                if self.entries.len() >= capacity {
+                    self.evict_one(hasher);
+                }
+                self.added_since_sweep += 1;
+                self.entries.insert_unique(
+                    hash,
+                    Entry {
+                        key: key.into(),
+                        state,
+                        expires,
+                    },
+                    rehash,
+                );
+            }
+        }
+    }
+
+    /// Forgets the sampled entry closest to fresh.
+    fn evict_one<S: BuildHasher>(&mut self, hasher: &S) {
+        let victim = self
+            .entries
+            .iter()
+            .take(EVICTION_SAMPLE)
+            .min_by_key(|e| e.expires)
+            .map(|e| (hasher.hash_one(&*e.key), e.key.clone()));
+        if let Some((hash, key)) = victim {
+            self.take(hash, &key);
+        }
+    }
+}
+
+/// The shards a set of limits touches, locked in index order.
+struct Locked<'a> {
+    /// (shard index, guard), sorted by index.
+    guards: Vec<(usize, MutexGuard<'a, Table>)>,
+    /// Per limit: (hash, position in `guards`).
+    slots: Vec<(u64, usize)>,
+}
+
+impl Locked<'_> {
+    fn table(&mut self, limit: usize) -> (&mut Table, u64) {
+        let (hash, g) = self.slots[limit];
+        (&mut self.guards[g].1, hash)
+    }
+}
+
+impl<C: Clock> MemoryStore<C> {
+    /// The store's current time.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// The most keys the store holds.
+    pub fn max_keys(&self) -> usize {
+        self.inner.max_keys
+    }
+
+    /// The number of keys held now (including expired ones not yet swept).
+    pub fn len(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| lock(s).entries.len())
+            .sum()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every key whose state is back to fresh, in every shard.
+    pub fn purge(&self) {
+        let now = self.now();
+        for shard in &*self.inner.shards {
+            let mut table = lock(shard);
+            table.entries.retain(|e| e.expires > now);
+            table.added_since_sweep = 0;
+        }
+    }
+
+    fn put_at(&self, now: Timestamp) -> Put<'_, hashbrown::DefaultHashBuilder> {
+        Put {
+            now,
+            capacity: self.inner.shard_capacity,
+            hasher: &self.inner.hasher,
+        }
+    }
+
+    fn hash(&self, key: &str) -> (u64, usize) {
+        let hash = self.inner.hasher.hash_one(key);
+        // hashbrown uses the low bits for the bucket and the top 7 for its tag; take the shard from
+        // bits in between so the tables stay evenly spread.
+        let shard = (hash >> 32) as usize & (self.inner.shards.len() - 1);
+        (hash, shard)
+    }
+
+    fn lock_all(&self, limits: &[Limit<'_>]) -> Locked<'_> {
+        let mut order: Vec<(usize, u64, usize)> = limits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (hash, shard) = self.hash(l.key);
+                (shard, hash, i)
+            })
+            .collect();
+        order.sort_unstable_by_key(|&(shard, _, _)| shard);
+        let mut guards: Vec<(usize, MutexGuard<'_, Table>)> = Vec::with_capacity(order.len());
+        let mut slots = vec![(0, 0); limits.len()];
+        for (shard, hash, i) in order {
+            if guards.last().is_none_or(|(s, _)| *s != shard) {
+                guards.push((shard, lock(&self.inner.shards[shard])));
+            }
+            slots[i] = (hash, guards.len() - 1);
+        }
+        Locked { guards, slots }
+    }
+
+    /// [`Store::decide`] without the future: decides now, all or nothing.
+    pub fn decide_now(&self, limits: &[Limit<'_>]) -> Verdict {
+        let now = self.now();
+        if let [limit] = limits {
+            return Verdict::new(vec![self.decide_one(limit, now)]);
+        }
+        let mut locked = self.lock_all(limits);
+        let mut decisions = Vec::with_capacity(limits.len());
+        let mut undo: Vec<Option<State>> = Vec::with_capacity(limits.len());
+        for (i, limit) in limits.iter().enumerate() {
+            let (table, hash) = locked.table(i);
+            let old = table.get(hash, limit.key).cloned();
+            let (decision, new) = algorithm::decide(old.as_ref(), now, limit.quota, limit.cost);
+            if decision.is_allowed() && limit.cost > 0 {
+                let expires = new.expires_at(limit.quota);
+                table.put(hash, limit.key, new, expires, self.put_at(now));
+            }
+            decisions.push(decision);
+            undo.push(old);
+        }
+        if decisions.iter().all(Decision::is_allowed) {
+            return Verdict::new(decisions);
+        }
+        // Roll back, newest first (a key may appear twice), then report the state as it is.
+        for (i, limit) in limits.iter().enumerate().rev() {
+            if decisions[i].is_allowed() && limit.cost > 0 {
+                let (table, hash) = locked.table(i);
+                match undo[i].take() {
+                    Some(old) => {
+                        let expires = old.expires_at(limit.quota);
+                        table.put(hash, limit.key, old, expires, self.put_at(now));
+                    }
+                    None => {
+                        table.take(hash, limit.key);
+                    }
+                }
+            }
+        }
+        for (i, limit) in limits.iter().enumerate() {
+            if decisions[i].is_allowed() {
+                let (table, hash) = locked.table(i);
+                let state = table.get(hash, limit.key);
+                decisions[i] = algorithm::decide(state, now, limit.quota, 0).0;
+            }
+        }
+        Verdict::new(decisions)
+    }
+
+    /// The single-limit path: one shard, the state taken out and put back without a copy.
+    fn decide_one(&self, limit: &Limit<'_>, now: Timestamp) -> Decision {
+        let (hash, shard) = self.hash(limit.key);
+        let mut table = lock(&self.inner.shards[shard]);
+        if limit.cost == 0 {
+            return algorithm::decide(table.get(hash, limit.key), now, limit.quota, 0).0;
+        }
+        if let Some(entry) = table.entries.find_mut(hash, |e| &*e.key == limit.key) {
+            let (decision, new) = algorithm::decide_owned(
+                Some(std::mem::replace(&mut entry.state, State::EMPTY)),
+                now,
+                limit.quota,
+                limit.cost,
+            );
+            // Denied states are equivalent to the old one, so writing back is always right.
+            entry.expires = new.expires_at(limit.quota);
+            entry.state = new;
+            return decision;
+        }
+        let (decision, new) = algorithm::decide(None, now, limit.quota, limit.cost);
+        if decision.is_allowed() {
+            let expires = new.expires_at(limit.quota);
+            table.put(hash, limit.key, new, expires, self.put_at(now));
+        }
+        decision
+    }
+
+    /// [`Store::peek`] without the future.
+    pub fn peek_now(&self, limits: &[Limit<'_>]) -> Verdict {
+        let now = self.now();
+        let mut locked = self.lock_all(limits);
+        let decisions = limits
+            .iter()
+            .enumerate()
+            .map(|(i, limit)| {
+                let (table, hash) = locked.table(i);
+                algorithm::decide(table.get(hash, limit.key), now, limit.quota, limit.cost).0
+            })
+            .collect();
+        Verdict::new(decisions)
+    }
+
+    /// [`Store::reserve`] without the future.
+    pub fn reserve_now(&self, limits: &[Limit<'_>], max_wait: Duration) -> Reserve {
+        let now = self.now();
+        let mut locked = self.lock_all(limits);
+        let mut at = now;
+        for (i, limit) in limits.iter().enumerate() {
+            let (table, hash) = locked.table(i);
+            match algorithm::earliest(table.get(hash, limit.key), now, limit.quota, limit.cost) {
+                Earliest::At(t) => at = at.max(t),
+                Earliest::Never => return Reserve::Never,
+            }
+        }
+        let wait = at.saturating_since(now);
+        if wait > max_wait {
+            return Reserve::WouldExceed { retry_after: wait };
+        }
+        if wait > Duration::ZERO && !limits.iter().all(|l| l.quota.algorithm().is_bucket()) {
+            return Reserve::Retry { after: wait };
+        }
+        let mut held = Vec::new();
+        for (i, limit) in limits.iter().enumerate() {
+            let (table, hash) = locked.table(i);
+            let state = table.get(hash, limit.key);
+            let new = if limit.quota.algorithm().is_bucket() {
+                let before = state.map_or(Timestamp::ZERO, |s| s.expires_at(limit.quota));
+                let new = algorithm::reserve_at(state, at, limit.quota, limit.cost);
+                let Some(new) = new else { continue };
+                held.push(Held {
+                    key: limit.key.to_owned(),
+                    before,
+                    after: new.expires_at(limit.quota),
+                });
+                new
+            } else {
+                // wait == 0 here: the request passes now.
+                algorithm::decide(state, now, limit.quota, limit.cost).1
+            };
+            let expires = new.expires_at(limit.quota);
+            table.put(hash, limit.key, new, expires, self.put_at(now));
+        }
+        Reserve::Granted(Reservation::new(wait, held))
+    }
+
+    /// [`Store::cancel`] without the future.
+    pub fn cancel_now(&self, reservation: &Reservation) {
+        let now = self.now();
+        for held in reservation.held() {
+            let (hash, shard) = self.hash(&held.key);
+            let mut table = lock(&self.inner.shards[shard]);
+            let state = table.get(hash, &held.key);
+            if let Some(restored) = algorithm::cancel(state, held.before, held.after) {
+                table.put(hash, &held.key, restored, held.before, self.put_at(now));
+            }
+        }
+    }
+}
+
+impl<C: Clock> Store for MemoryStore<C> {
+    fn decide(
+        &self,
+        limits: &[Limit<'_>],
+    ) -> impl Future<Output = Result<Verdict, StoreError>> + Send {
+        ready(Ok(self.decide_now(limits)))
+    }
+
+    fn peek(
+        &self,
+        limits: &[Limit<'_>],
+    ) -> impl Future<Output = Result<Verdict, StoreError>> + Send {
+        ready(Ok(self.peek_now(limits)))
+    }
+
+    fn reserve(
+        &self,
+        limits: &[Limit<'_>],
+        max_wait: Duration,
+    ) -> impl Future<Output = Result<Reserve, StoreError>> + Send {
+        ready(Ok(self.reserve_now(limits, max_wait)))
+    }
+
+    fn cancel(
+        &self,
+        reservation: &Reservation,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.cancel_now(reservation);
+        ready(Ok(()))
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
