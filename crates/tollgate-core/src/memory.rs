@@ -11,7 +11,7 @@ use hashbrown::hash_table::Entry as TableEntry;
 
 use crate::algorithm::{self, Earliest, State};
 use crate::store::{Held, Limit, Reservation, Reserve, Store, StoreError, Verdict};
-use crate::{Clock, Decision, SystemClock, Timestamp};
+use crate::{Clock, Decision, Quota, SystemClock, Timestamp};
 
 /// The default maximum number of keys a [`MemoryStore`] holds.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -530,6 +530,23 @@ impl<C: Clock> MemoryStore<C> {
     }
 }
 
+impl<C: Clock> MemoryStore<C> {
+    /// [`Store::pause`] without the future.
+    pub fn pause_now(&self, key: &str, quota: &Quota, duration: Duration) -> bool {
+        let now = self.now();
+        let (hash, shard) = self.hash(key);
+        let mut table = lock(&self.inner.shards[shard]);
+        match algorithm::pause(table.get(hash, key), quota, now + duration) {
+            Some(paused) => {
+                let expires = paused.expires_at(quota);
+                table.put(hash, key, paused, expires, self.put_at(now));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl<C: Clock> Store for MemoryStore<C> {
     fn decide(
         &self,
@@ -559,6 +576,15 @@ impl<C: Clock> Store for MemoryStore<C> {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.cancel_now(reservation);
         ready(Ok(()))
+    }
+
+    fn pause(
+        &self,
+        key: &str,
+        quota: &Quota,
+        duration: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        ready(Ok(self.pause_now(key, quota, duration)))
     }
 
     fn kind(&self) -> &'static str {

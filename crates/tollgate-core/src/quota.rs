@@ -4,12 +4,12 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// The largest time span any quota may describe, in microseconds (2^52 µs, about 142 years).
+/// The largest time span any quota may describe, in microseconds (2^50 µs, about 35 years).
 ///
 /// Every product the algorithms form (`interval × burst`, `limit × window`) stays below this bound,
-/// so the arithmetic is exact in `u64` here and in the IEEE doubles of the Redis Lua scripts, which
-/// represent integers exactly up to 2^53.
-pub const MAX_SPAN_MICROS: u64 = 1 << 52;
+/// and every sum they form (a Unix time in µs, about 2^50.7, plus a few such spans) stays below
+/// 2^53, so the arithmetic is exact in `u64` here and in the IEEE doubles of the Redis Lua scripts.
+pub const MAX_SPAN_MICROS: u64 = 1 << 50;
 
 /// The largest `burst` / `limit` a quota accepts.
 ///
@@ -103,7 +103,7 @@ pub enum QuotaError {
     #[error("{0} is too large: at most {MAX_LIMIT} is supported")]
     LimitTooLarge(u32),
     /// A time span beyond [`MAX_SPAN_MICROS`].
-    #[error("the quota spans more than {MAX_SPAN_MICROS}µs (about 142 years)")]
+    #[error("the quota spans more than {MAX_SPAN_MICROS}µs (about 35 years)")]
     SpanTooLong,
     /// A setting that the quota's algorithm does not have.
     #[error("{setting} does not apply to the {algorithm} algorithm")]
@@ -500,7 +500,7 @@ mod tests {
             Err(QuotaError::LimitTooLarge(MAX_LIMIT + 1))
         );
         assert_eq!(
-            Quota::per_period(1, Duration::from_secs(200 * 365 * 86_400)),
+            Quota::per_period(1, Duration::from_secs(40 * 365 * 86_400)),
             Err(QuotaError::SpanTooLong)
         );
         assert!(matches!(

@@ -304,6 +304,16 @@ pub trait Store: Send + Sync + 'static {
         reservation: &Reservation,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Pauses the bucket `key` for `duration` from now (the store's now): nothing passes before
+    /// then, and it refills from empty afterwards (see [`algorithm::pause`](crate::algorithm::pause)).
+    /// For an upstream's `Retry-After`. Returns `false`, changing nothing, for window algorithms.
+    fn pause(
+        &self,
+        key: &str,
+        quota: &Quota,
+        duration: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// A short name for metrics labels, such as `"memory"` or `"redis"`.
     fn kind(&self) -> &'static str;
 }
@@ -335,6 +345,13 @@ pub trait DynStore: Send + Sync + 'static {
         &'a self,
         reservation: &'a Reservation,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// [`Store::pause`], boxed.
+    fn pause_boxed<'a>(
+        &'a self,
+        key: &'a str,
+        quota: &'a Quota,
+        duration: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// [`Store::kind`].
     fn kind_dyn(&self) -> &'static str;
 }
@@ -369,6 +386,15 @@ impl<S: Store> DynStore for S {
         Box::pin(self.cancel(reservation))
     }
 
+    fn pause_boxed<'a>(
+        &'a self,
+        key: &'a str,
+        quota: &'a Quota,
+        duration: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.pause(key, quota, duration))
+    }
+
     fn kind_dyn(&self) -> &'static str {
         self.kind()
     }
@@ -393,6 +419,15 @@ impl Store for Arc<dyn DynStore> {
 
     async fn cancel(&self, reservation: &Reservation) -> Result<(), StoreError> {
         self.as_ref().cancel_boxed(reservation).await
+    }
+
+    async fn pause(
+        &self,
+        key: &str,
+        quota: &Quota,
+        duration: Duration,
+    ) -> Result<bool, StoreError> {
+        self.as_ref().pause_boxed(key, quota, duration).await
     }
 
     fn kind(&self) -> &'static str {

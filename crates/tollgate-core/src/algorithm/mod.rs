@@ -235,5 +235,25 @@ pub fn cancel(state: Option<&State>, before: Timestamp, after: Timestamp) -> Opt
     }
 }
 
+/// Pauses a bucket until `until`: nothing passes before then, and from then on it refills from
+/// (nearly) empty, so a paused client resumes at the configured rate instead of in a burst (the
+/// reaction to an upstream's `429` + `Retry-After`). A token bucket lets exactly one unit through
+/// at `until`; a leaky bucket's next departure is `until`. Never shortens an existing wait.
+///
+/// Returns `None` for window algorithms, which have no way to express "nothing until then".
+pub fn pause(state: Option<&State>, quota: &Quota, until: Timestamp) -> Option<State> {
+    let target = match quota.algorithm() {
+        Algorithm::TokenBucket => {
+            until.as_micros() + quota.interval_micros() * u64::from(quota.limit() - 1)
+        }
+        Algorithm::LeakyBucket => until.as_micros(),
+        _ => return None,
+    };
+    let tat = State::bucket(state.filter(|s| s.matches(quota.algorithm()))).tat;
+    Some(State::Bucket(BucketState {
+        tat: tat.max(Timestamp::from_micros(target)),
+    }))
+}
+
 #[cfg(test)]
 mod tests;

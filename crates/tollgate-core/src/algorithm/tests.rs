@@ -484,3 +484,34 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn pause_holds_a_bucket_then_trickles() {
+    let q = Quota::per_second(10).unwrap().with_burst(5).unwrap();
+    let (_, s) = decide(None, at(0), &q, 1);
+    let paused = pause(Some(&s), &q, at(2 * S)).unwrap();
+    assert!(!decide(Some(&paused), at(2 * S - 1), &q, 1).0.is_allowed());
+    let (d, s2) = decide(Some(&paused), at(2 * S), &q, 1);
+    assert!(d.is_allowed());
+    assert_eq!(
+        d.remaining, 0,
+        "one request at the end of the pause, then the rate"
+    );
+    assert_eq!(
+        decide(Some(&s2), at(2 * S), &q, 1).0.retry_after,
+        Duration::from_millis(100)
+    );
+    // A shorter pause never shortens a longer one.
+    assert_eq!(pause(Some(&paused), &q, at(S)), Some(paused.clone()));
+    let leaky = Quota::per_second(10)
+        .unwrap()
+        .shaped(Duration::from_secs(1))
+        .unwrap();
+    let p = pause(None, &leaky, at(3 * S)).unwrap();
+    assert_eq!(
+        decide(Some(&p), at(2 * S + S / 2), &leaky, 1).0.delay,
+        Duration::from_millis(500)
+    );
+    let window = Quota::fixed_window(1, Duration::from_secs(10)).unwrap();
+    assert_eq!(pause(None, &window, at(S)), None);
+}

@@ -1,0 +1,79 @@
+-- tollgate: helpers shared by every algorithm. The files of this directory are joined into one
+-- script (common, the algorithms, then tollgate.lua); see src/script.rs.
+--
+-- Times are integer microseconds. Every value computed stays below 2^53, so Lua's doubles hold it
+-- exactly (quotas are validated for that in tollgate-core).
+
+local ALLOW, DENY, NEVER = 0, 1, 2
+
+-- floor(a / b) for non-negative integers, exact even where a / b rounds up to an integer.
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+
+local function max(a, b) if a > b then return a end return b end
+local function min(a, b) if a < b then return a end return b end
+
+-- The start of the aligned window containing `now`.
+local function window_start(now, w)
+  return idiv(now, w) * w
+end
+
+local function decision(outcome, limit, remaining, reset, retry, delay)
+  return { outcome, limit, remaining, reset, retry, delay }
+end
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+-- Reads a string state 'tag:a:b:...' as a list of numbers; nil when the key is absent, holds
+-- another algorithm's state (other tag) or another type (a sorted set).
+local function read_state(key, tag)
+  local v = redis.pcall('GET', key)
+  if type(v) ~= 'string' then
+    return nil
+  end
+  local parts = {}
+  for p in string.gmatch(v, '[^:]+') do
+    parts[#parts + 1] = p
+  end
+  if parts[1] ~= tag then
+    return nil
+  end
+  local out = {}
+  for i = 2, #parts do
+    local n = tonumber(parts[i])
+    if n == nil then
+      return nil
+    end
+    out[#out + 1] = n
+  end
+  return out
+end
+
+-- Added to every TTL when the caller supplies the time (test-vector replays): their clock runs
+-- apart from real time, and a key kept longer never changes a decision (an outdated state reads
+-- as fresh), while one expiring early would.
+local TTL_PAD_MS = 0
+
+-- The TTL, in ms rounded up, of a state that stops mattering `span` µs from now.
+local function ttl_ms(span)
+  return fmt(math.ceil(span / 1000) + TTL_PAD_MS)
+end
+
+-- Writes a string state that stops mattering at `expires` (µs); a state already fresh is deleted.
+-- The TTL is rounded up to the millisecond, so a key never expires while it still matters.
+local function write_state(key, value, expires, now)
+  if expires <= now then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, value, 'PX', ttl_ms(expires - now))
+  end
+end

@@ -1,0 +1,120 @@
+//! The Redis store for tollgate: limit state shared by every process of a fleet, each decision one
+//! atomic Lua script on Redis' own clock.
+//!
+//! [`RedisStore`] implements [`tollgate_core::Store`] on a standalone Redis (a multiplexed,
+//! reconnecting connection) or a Redis Cluster (redis-rs' async cluster client), with one code path
+//! over both connection types. The script ports the algorithms of `tollgate-core` exactly; the same
+//! test vectors are replayed against both.
+//!
+//! ```no_run
+//! use tollgate_core::{Limit, Quota, Store};
+//! use tollgate_redis::RedisStore;
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = RedisStore::builder("redis://127.0.0.1:6379").prefix("myapp").build()?;
+//! let basic = Quota::per_minute(100)?.with_burst(20)?;
+//! let global = Quota::per_second(1000)?;
+//! let verdict = store
+//!     .decide(&[
+//!         Limit::new("{user:alice}:tier", &basic, 1),
+//!         Limit::new("global", &global, 1),
+//!     ])
+//!     .await?;
+//! println!("allowed: {}", verdict.is_allowed());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Key layout
+//!
+//! A limit key `KEY` is stored under `PREFIX:KEY` (prefix `tollgate` by default). Its value:
+//!
+//! | algorithm | Redis type | value |
+//! |---|---|---|
+//! | token bucket, leaky bucket | string | `b:<tat>`: the theoretical arrival time, µs |
+//! | fixed window | string | `w:<window start>:<count>` |
+//! | sliding window counter | string | `c:<window start>:<previous>:<current>` |
+//! | sliding window log | sorted set | one member per unit of cost, scored with its time in µs, named `<call id>:<limit>:<unit>` |
+//!
+//! A value written by another algorithm (the configuration changed) counts as fresh, as in the Rust
+//! model. Log members are unique even for simultaneous requests (the call id is a random process
+//! seed and a counter), and a log never holds more live members than its limit: expired members are
+//! removed before every write.
+//!
+//! # Expiry
+//!
+//! Every write sets a TTL (rounded up to the millisecond) that ends when the state is back to
+//! fresh: a full bucket (`tat`), the end of the window, both counters slid out, the newest log
+//! entry out of its window. A state already fresh is deleted instead of written. No key lives
+//! forever, and a token-bucket denial writes nothing.
+//!
+//! # Time
+//!
+//! The script reads Redis' `TIME`, so every process sharing a server decides on one clock; skewed
+//! application servers agree. (`RedisStoreBuilder::client_clock` exists for replaying test vectors
+//! only.) On a cluster each node reads its own clock: keep the nodes NTP-synchronised, as Redis
+//! Cluster itself expects.
+//!
+//! # Cluster
+//!
+//! A script can only touch keys of one slot. Keys with the same hash tag share a slot: name the
+//! limits of one caller `{user:alice}:tier`, `{user:alice}:route:/api/search`, and they are decided
+//! in one atomic call, as on a standalone server.
+//!
+//! A limit shared by everyone, such as the whole-service limit, cannot live in every caller's
+//! slot. Such a request is decided **group by group, in the order the limits are given**, each
+//! group one atomic call, all or nothing in the end:
+//!
+//! 1. each group is decided and charged atomically;
+//! 2. if a later group denies, the groups already charged are undone: a bucket returns to its
+//!    earlier state if nobody wrote it since, a window or counter is decremented, a log loses
+//!    exactly this call's members;
+//! 3. the other limits are then peeked, so the verdict reports every limit as it stands.
+//!
+//! The trade-off: no limit is ever exceeded, and the request is charged everywhere or nowhere, but
+//! between steps 1 and 2 (one round trip) the earlier groups' charge is visible, so a concurrent
+//! request on the same keys may be denied when it would have passed; and if an undo fails (Redis
+//! down at that moment) the charge stays — an error toward denial, never toward overshoot. A bucket
+//! written by someone else in between keeps its state for the same reason. Put the caller's own
+//! limits first and the shared limit last: callers over their own limit (the common denial) then
+//! never touch the shared key, and most requests cost one call per group. Reservations across
+//! slots agree on one departure time first, then hold it in every group, giving back and retrying
+//! if it was taken meanwhile.
+//!
+//! Redis Sentinel is not supported yet: redis-rs' sentinel client can hand out connections of the
+//! same type, so it can be added without touching the scripts.
+//!
+//! # Failures
+//!
+//! Every call has a deadline (the `timeout`, 50 ms by default, covering connecting, loading the
+//! script and running it). A call fails with a [`StoreError`](tollgate_core::StoreError) that
+//! tells the layer above what happened:
+//!
+//! * [`is_timeout`](tollgate_core::StoreError::is_timeout): no answer in time. If the command had
+//!   been sent, **its outcome is unknown**: the script may have run and charged the request. The
+//!   store never replays such a call itself; the layer should apply its failure policy (fail open,
+//!   fail closed, or decide locally) and not retry the decision.
+//! * [`is_unavailable`](tollgate_core::StoreError::is_unavailable): Redis could not be reached
+//!   (refused, connection lost, cluster down). The connection reopens by itself in the background;
+//!   a later call succeeds once Redis is back.
+//! * anything else: a malformed reply or a script error.
+//!
+//! The script is run with `EVALSHA`; after a `SCRIPT FLUSH` or a restart the server answers
+//! `NOSCRIPT`, and the call loads the script and runs it again once (the script had not run). On a
+//! cluster, redis-rs also follows `MOVED` / `ASK` redirections and `TRYAGAIN` (the script had not
+//! run either), and it retries a request whose connection dropped after sending, which can charge
+//! a request twice: an error toward denial.
+
+mod script;
+mod slot;
+mod store;
+
+pub use store::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder,
+    RedisStoreError,
+};
+
+/// The Lua source of the script, for inspection (`redis-benchmark` runs it in `tollgate-bench`).
+pub fn script_source() -> &'static str {
+    script::SOURCE
+}

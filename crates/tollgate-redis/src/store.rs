@@ -1,0 +1,750 @@
+//! [`RedisStore`]: the [`Store`] on Redis or Redis Cluster.
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use tollgate_core::{
+    Clock, Decision, Held, Limit, MAX_SPAN_MICROS, Outcome, Quota, Reservation, Reserve, Store,
+    StoreError, StoreErrorKind, Timestamp, Verdict,
+};
+
+use crate::script::{Mode, SCRIPT, algorithm_code};
+use crate::slot::slot;
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "tollgate";
+/// The default time one store call may take, end to end.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+/// The default time to open a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Limit state in Redis or Redis Cluster, shared by every process that uses the same server and
+/// prefix. See the [crate docs](crate) for the key layout, expiry, time source and failure
+/// semantics.
+///
+/// Cheap to clone: clones share one multiplexed connection (or one cluster connection).
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Connection,
+    prefix: String,
+    timeout: Duration,
+    clock: Option<Arc<dyn Clock>>,
+    ids: CallIds,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field(
+                "topology",
+                &match self.inner.conn {
+                    Connection::Standalone(_) => "standalone",
+                    Connection::Cluster(_) => "cluster",
+                },
+            )
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unique call ids: a random 64-bit process seed and a counter. They name the sliding-window-log
+/// members a call adds, so two simultaneous requests never collide, and let a cross-slot
+/// decision undo exactly its own members.
+struct CallIds {
+    seed: u64,
+    next: AtomicU64,
+}
+
+impl CallIds {
+    fn new() -> Self {
+        CallIds {
+            seed: RandomState::new().build_hasher().finish(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}.{:x}", self.seed, n)
+    }
+}
+
+/// Why a [`RedisStore`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisStoreError {
+    /// A URL that redis-rs does not accept.
+    #[error("invalid redis url `{url}`")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A prefix containing `{` or `}` would change the keys' hash tags.
+    #[error("invalid key prefix `{0}`: it must not contain `{{` or `}}`")]
+    InvalidPrefix(String),
+    /// A cluster with no node.
+    #[error("a redis cluster needs at least one node url")]
+    NoClusterNodes,
+    /// [`RedisStoreBuilder::connect`] could not reach the server.
+    #[error("cannot reach redis")]
+    Unreachable(#[source] StoreError),
+}
+
+/// Builds a [`RedisStore`]: see [`RedisStore::builder`] and [`RedisStore::cluster_builder`].
+#[derive(Clone)]
+pub struct RedisStoreBuilder {
+    nodes: Vec<String>,
+    cluster: bool,
+    prefix: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("nodes", &self.nodes)
+            .field("cluster", &self.cluster)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key (default [`DEFAULT_PREFIX`]); keys are `PREFIX:KEY`. Use one prefix
+    /// per application sharing a server. It must not contain `{` or `}`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest one store call may take, end to end (default [`DEFAULT_TIMEOUT`], 50 ms).
+    /// Past it the call fails with [`StoreError::is_timeout`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The longest opening a connection may take (default [`DEFAULT_CONNECT_TIMEOUT`]).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Decides with this clock instead of Redis' `TIME`. **For tests only** (replaying test
+    /// vectors, showing what clock skew would do): with several processes, each one's clock
+    /// would count, which is exactly what the server clock avoids.
+    pub fn client_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    fn check(&self) -> Result<(), RedisStoreError> {
+        if self.prefix.contains(['{', '}']) {
+            return Err(RedisStoreError::InvalidPrefix(self.prefix.clone()));
+        }
+        if self.nodes.is_empty() {
+            return Err(RedisStoreError::NoClusterNodes);
+        }
+        Ok(())
+    }
+
+    /// Builds the store without connecting: the connection opens on first use and reopens by
+    /// itself after a failure, so an application can start while Redis is down (its calls fail
+    /// with [`StoreError::is_unavailable`] or [`StoreError::is_timeout`] meanwhile). Must be
+    /// called within a Tokio runtime.
+    pub fn build(self) -> Result<RedisStore, RedisStoreError> {
+        self.check()?;
+        let invalid = |url: &String, source| RedisStoreError::InvalidUrl {
+            url: url.clone(),
+            source,
+        };
+        let conn = if self.cluster {
+            let client = ClusterClientBuilder::new(self.nodes.iter().map(String::as_str))
+                .connection_timeout(self.connect_timeout)
+                .response_timeout(self.timeout)
+                // Redirections (MOVED, ASK, TRYAGAIN) are retried; see the crate docs on replays.
+                .retries(2)
+                .min_retry_wait(1)
+                .max_retry_wait(10)
+                .build()
+                .map_err(|e| invalid(&self.nodes[0], e))?;
+            let config = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(self.connect_timeout)
+                .set_response_timeout(self.timeout);
+            Connection::Cluster(client.get_pending_async_connection_with_config(config))
+        } else {
+            let url = &self.nodes[0];
+            let client = redis::Client::open(url.as_str()).map_err(|e| invalid(url, e))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.connect_timeout))
+                .set_response_timeout(Some(self.timeout))
+                // One quick attempt per reconnection; the next call triggers another.
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(10))
+                .set_max_delay(Duration::from_millis(100));
+            let manager = ConnectionManager::new_lazy_with_config(client, config)
+                .map_err(|e| invalid(url, e))?;
+            Connection::Standalone(manager)
+        };
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                prefix: self.prefix,
+                timeout: self.timeout,
+                clock: self.clock,
+                ids: CallIds::new(),
+            }),
+        })
+    }
+
+    /// Builds the store and checks that Redis answers (loading the script on every node it
+    /// reaches), waiting up to the connect timeout plus the call timeout.
+    pub async fn connect(self) -> Result<RedisStore, RedisStoreError> {
+        let store = self.build()?;
+        store.ping().await.map_err(RedisStoreError::Unreachable)?;
+        Ok(store)
+    }
+}
+
+/// One limit as the script sees it.
+struct Item<'a> {
+    key: String,
+    limit: &'a Limit<'a>,
+    a: u64,
+    b: u64,
+}
+
+/// The script's answer.
+struct Answer {
+    status: i64,
+    now: u64,
+    wait: u64,
+    rows: Vec<Row>,
+}
+
+#[derive(Clone, Copy)]
+struct Row {
+    decision: Decision,
+    a: u64,
+    b: u64,
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn protocol(message: String) -> StoreError {
+    StoreError::new(StoreErrorKind::Other, message)
+}
+
+fn map_error(e: redis::RedisError) -> StoreError {
+    let kind = if e.is_timeout() {
+        StoreErrorKind::Timeout
+    } else if e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_io_error()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::ClusterDown
+                    | redis::ServerErrorKind::MasterDown
+                    | redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::BusyLoading
+            ) | redis::ErrorKind::ClusterConnectionNotFound
+        )
+    {
+        StoreErrorKind::Unavailable
+    } else {
+        StoreErrorKind::Other
+    };
+    StoreError::new(kind, e)
+}
+
+fn parse(values: Vec<i64>, n: usize) -> Result<Answer, StoreError> {
+    if values.len() != 3 + 8 * n {
+        return Err(protocol(format!(
+            "unexpected script reply: {} values for {n} limits",
+            values.len()
+        )));
+    }
+    let rows = values[3..]
+        .chunks_exact(8)
+        .map(|r| {
+            let outcome = match r[0] {
+                0 => Outcome::Allowed,
+                1 => Outcome::Denied,
+                _ => Outcome::InsufficientCapacity,
+            };
+            Row {
+                decision: Decision {
+                    outcome,
+                    limit: u32::try_from(r[1]).unwrap_or(u32::MAX),
+                    remaining: u32::try_from(r[2]).unwrap_or(0),
+                    reset_after: Duration::from_micros(to_u64(r[3])),
+                    retry_after: Duration::from_micros(to_u64(r[4])),
+                    delay: Duration::from_micros(to_u64(r[5])),
+                },
+                a: to_u64(r[6]),
+                b: to_u64(r[7]),
+            }
+        })
+        .collect();
+    Ok(Answer {
+        status: values[0],
+        now: to_u64(values[1]),
+        wait: to_u64(values[2]),
+        rows,
+    })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .min(MAX_SPAN_MICROS)
+}
+
+impl RedisStore {
+    /// A store on the standalone server at `url` (`redis://[:password@]host:port[/db]`,
+    /// `rediss://` needs a TLS feature of redis-rs).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            nodes: vec![url.into()],
+            cluster: false,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            clock: None,
+        }
+    }
+
+    /// A store on the Redis Cluster reachable through `nodes` (any subset of its masters).
+    pub fn cluster_builder<I, S>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RedisStoreBuilder {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+            cluster: true,
+            ..RedisStore::builder(String::new())
+        }
+    }
+
+    /// Whether this store talks to a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.conn, Connection::Cluster(_))
+    }
+
+    /// The Redis key a limit key is stored under: `PREFIX:KEY`.
+    pub fn redis_key(&self, key: &str) -> String {
+        if self.inner.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}:{key}", self.inner.prefix)
+        }
+    }
+
+    /// Checks that Redis answers, within the call timeout.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let cmd = redis::cmd("PING");
+        self.with_timeout(async {
+            let reply: String = match self.inner.conn.clone() {
+                Connection::Standalone(mut c) => cmd.query_async(&mut c).await,
+                Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+            .map_err(map_error)?;
+            if reply == "PONG" {
+                Ok(())
+            } else {
+                Err(protocol(format!("unexpected PING reply `{reply}`")))
+            }
+        })
+        .await
+    }
+
+    async fn with_timeout<T>(
+        &self,
+        f: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.timeout, f).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::new(
+                StoreErrorKind::Timeout,
+                format!(
+                    "no answer from redis within {:?}; if the call was sent, its outcome is unknown",
+                    self.inner.timeout
+                ),
+            )),
+        }
+    }
+
+    /// One script call over the connection, whatever its type.
+    async fn invoke<C: ConnectionLike>(
+        conn: &mut C,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<i64>, StoreError> {
+        invocation.invoke_async(conn).await.map_err(map_error)
+    }
+
+    async fn call(
+        &self,
+        mode: Mode,
+        items: &[Item<'_>],
+        id: &str,
+        arg4: u64,
+        floor: u64,
+    ) -> Result<Answer, StoreError> {
+        let mut invocation = SCRIPT.prepare_invoke();
+        for item in items {
+            invocation.key(&item.key);
+        }
+        let now = self
+            .inner
+            .clock
+            .as_ref()
+            .map_or(String::new(), |c| c.now().as_micros().to_string());
+        invocation
+            .arg(mode.as_str())
+            .arg(now)
+            .arg(id)
+            .arg(arg4)
+            .arg(floor);
+        for item in items {
+            let q = item.limit.quota;
+            invocation
+                .arg(algorithm_code(q.algorithm()))
+                .arg(q.limit())
+                .arg(q.interval_micros())
+                .arg(q.max_delay_micros())
+                .arg(item.limit.cost)
+                .arg(item.a)
+                .arg(item.b);
+        }
+        let values = self
+            .with_timeout(async {
+                match self.inner.conn.clone() {
+                    Connection::Standalone(mut c) => Self::invoke(&mut c, &invocation).await,
+                    Connection::Cluster(mut c) => Self::invoke(&mut c, &invocation).await,
+                }
+            })
+            .await?;
+        parse(values, items.len())
+    }
+
+    fn items<'a>(&self, limits: &'a [Limit<'a>]) -> Vec<Item<'a>> {
+        limits
+            .iter()
+            .map(|limit| Item {
+                key: self.redis_key(limit.key),
+                limit,
+                a: 0,
+                b: 0,
+            })
+            .collect()
+    }
+
+    /// The limits grouped by cluster slot, in order of first appearance; one group on a
+    /// standalone server.
+    fn groups(&self, items: &[Item<'_>]) -> Vec<Vec<usize>> {
+        if !self.is_cluster() {
+            return vec![(0..items.len()).collect()];
+        }
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let s = slot(item.key.as_bytes());
+            match groups.iter_mut().find(|(g, _)| *g == s) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((s, vec![i])),
+            }
+        }
+        groups.into_iter().map(|(_, members)| members).collect()
+    }
+
+    fn subset<'a>(items: &[Item<'a>], group: &[usize]) -> Vec<Item<'a>> {
+        group
+            .iter()
+            .map(|&i| Item {
+                key: items[i].key.clone(),
+                limit: items[i].limit,
+                a: items[i].a,
+                b: items[i].b,
+            })
+            .collect()
+    }
+
+    async fn decide_items(&self, limits: &[Limit<'_>]) -> Result<Verdict, StoreError> {
+        let items = self.items(limits);
+        let groups = self.groups(&items);
+        let id = self.inner.ids.next();
+        if let [only] = groups.as_slice() {
+            debug_assert_eq!(only.len(), items.len());
+            let answer = self.call(Mode::Decide, &items, &id, 0, 0).await?;
+            return Ok(Verdict::new(
+                answer.rows.iter().map(|r| r.decision).collect(),
+            ));
+        }
+        // Cross-slot on a cluster: one atomic call per slot, in order; a denial undoes the groups
+        // already charged (see the crate docs).
+        let mut decisions: Vec<Option<Decision>> = vec![None; items.len()];
+        let mut charged: Vec<(Vec<Item<'_>>, Vec<Row>)> = Vec::new();
+        for group in &groups {
+            let sub = Self::subset(&items, group);
+            let answer = match self.call(Mode::Decide, &sub, &id, 0, 0).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    self.undo(&charged, &id).await;
+                    return Err(e);
+                }
+            };
+            let allowed = answer.rows.iter().all(|r| r.decision.is_allowed());
+            for (&i, row) in group.iter().zip(&answer.rows) {
+                decisions[i] = Some(row.decision);
+            }
+            if allowed {
+                charged.push((sub, answer.rows));
+                continue;
+            }
+            // Denied: give back what earlier groups took, then report every other limit as it
+            // stands.
+            self.undo(&charged, &id).await;
+            for other in &groups {
+                if other == group {
+                    continue;
+                }
+                let sub = Self::subset(&items, other);
+                let peek = self.call(Mode::Peek, &sub, &id, 0, 0).await?;
+                for (&i, row) in other.iter().zip(&peek.rows) {
+                    decisions[i] = Some(row.decision);
+                }
+            }
+            break;
+        }
+        decisions
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .map(Verdict::new)
+            .ok_or_else(|| protocol("a limit got no decision".into()))
+    }
+
+    /// Undoes charged groups, best effort: a failure here leaves a charge in place, which only
+    /// ever errs on the side of denial.
+    async fn undo(&self, charged: &[(Vec<Item<'_>>, Vec<Row>)], id: &str) {
+        for (items, rows) in charged {
+            let undo: Vec<Item<'_>> = items
+                .iter()
+                .zip(rows)
+                .enumerate()
+                .map(|(i, (item, row))| {
+                    let log =
+                        item.limit.quota.algorithm() == tollgate_core::Algorithm::SlidingWindowLog;
+                    Item {
+                        key: item.key.clone(),
+                        limit: item.limit,
+                        // A log's members are named after their index in the call that added them.
+                        a: if log { i as u64 + 1 } else { row.a },
+                        b: row.b,
+                    }
+                })
+                .collect();
+            let _ = self.call(Mode::Undo, &undo, id, 0, 0).await;
+        }
+    }
+
+    async fn reserve_items(
+        &self,
+        limits: &[Limit<'_>],
+        max_wait: Duration,
+    ) -> Result<Reserve, StoreError> {
+        let items = self.items(limits);
+        let groups = self.groups(&items);
+        let id = self.inner.ids.next();
+        let max_wait = micros(max_wait);
+        if let [_] = groups.as_slice() {
+            let answer = self.call(Mode::Reserve, &items, &id, max_wait, 0).await?;
+            return Ok(self.reserve_answer(&items, answer));
+        }
+        // Cross-slot: agree on one departure time, then hold it in every group; if someone took
+        // it in between, give back and try again (a few times).
+        for _ in 0..3 {
+            let mut at = 0;
+            let mut first_now = None;
+            for group in &groups {
+                let sub = Self::subset(&items, group);
+                let answer = self.call(Mode::Earliest, &sub, &id, 0, 0).await?;
+                if answer.status == 3 {
+                    return Ok(Reserve::Never);
+                }
+                first_now.get_or_insert(answer.now);
+                at = at.max(answer.now + answer.wait);
+            }
+            let now = first_now.unwrap_or(at);
+            let wait = at.saturating_sub(now);
+            if wait > max_wait {
+                return Ok(Reserve::WouldExceed {
+                    retry_after: Duration::from_micros(wait),
+                });
+            }
+            if wait > 0 && !limits.iter().all(|l| l.quota.algorithm().is_bucket()) {
+                return Ok(Reserve::Retry {
+                    after: Duration::from_micros(wait),
+                });
+            }
+            let mut held = Vec::new();
+            let mut lost = false;
+            for group in &groups {
+                let sub = Self::subset(&items, group);
+                let answer = self
+                    .call(Mode::Reserve, &sub, &id, MAX_SPAN_MICROS, at)
+                    .await?;
+                match answer.status {
+                    0 => {
+                        if let Reserve::Granted(r) = self.reserve_answer(&sub, answer) {
+                            held.extend_from_slice(r.held());
+                        }
+                    }
+                    _ => {
+                        lost = true;
+                        break;
+                    }
+                }
+            }
+            if !lost {
+                return Ok(Reserve::Granted(Reservation::new(
+                    Duration::from_micros(wait),
+                    held,
+                )));
+            }
+            self.cancel_held(&held).await?;
+        }
+        Ok(Reserve::Retry {
+            after: Duration::ZERO,
+        })
+    }
+
+    fn reserve_answer(&self, items: &[Item<'_>], answer: Answer) -> Reserve {
+        let wait = Duration::from_micros(answer.wait);
+        match answer.status {
+            0 => {
+                let held = items
+                    .iter()
+                    .zip(&answer.rows)
+                    .filter(|(item, _)| item.limit.quota.algorithm().is_bucket())
+                    .map(|(item, row)| Held {
+                        key: item.limit.key.to_owned(),
+                        before: Timestamp::from_micros(row.a),
+                        after: Timestamp::from_micros(row.b),
+                    })
+                    .collect();
+                Reserve::Granted(Reservation::new(wait, held))
+            }
+            1 => Reserve::WouldExceed { retry_after: wait },
+            2 => Reserve::Retry { after: wait },
+            _ => Reserve::Never,
+        }
+    }
+
+    async fn cancel_held(&self, held: &[Held]) -> Result<(), StoreError> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        // The cancel script reads only the keys and the before/after times.
+        let quota = Quota::per_second(1).map_err(|e| protocol(e.to_string()))?;
+        let limits: Vec<Limit<'_>> = held.iter().map(|h| Limit::new(&h.key, &quota, 0)).collect();
+        let mut items = self.items(&limits);
+        for (item, h) in items.iter_mut().zip(held) {
+            item.a = h.before.as_micros();
+            item.b = h.after.as_micros();
+        }
+        let id = self.inner.ids.next();
+        for group in self.groups(&items) {
+            let sub = Self::subset(&items, &group);
+            self.call(Mode::Cancel, &sub, &id, 0, 0).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for RedisStore {
+    async fn decide(&self, limits: &[Limit<'_>]) -> Result<Verdict, StoreError> {
+        self.decide_items(limits).await
+    }
+
+    async fn peek(&self, limits: &[Limit<'_>]) -> Result<Verdict, StoreError> {
+        let items = self.items(limits);
+        let id = self.inner.ids.next();
+        let mut decisions = vec![None; items.len()];
+        for group in self.groups(&items) {
+            let sub = Self::subset(&items, &group);
+            let answer = self.call(Mode::Peek, &sub, &id, 0, 0).await?;
+            for (&i, row) in group.iter().zip(&answer.rows) {
+                decisions[i] = Some(row.decision);
+            }
+        }
+        decisions
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .map(Verdict::new)
+            .ok_or_else(|| protocol("a limit got no decision".into()))
+    }
+
+    async fn reserve(
+        &self,
+        limits: &[Limit<'_>],
+        max_wait: Duration,
+    ) -> Result<Reserve, StoreError> {
+        self.reserve_items(limits, max_wait).await
+    }
+
+    async fn cancel(&self, reservation: &Reservation) -> Result<(), StoreError> {
+        self.cancel_held(reservation.held()).await
+    }
+
+    async fn pause(
+        &self,
+        key: &str,
+        quota: &Quota,
+        duration: Duration,
+    ) -> Result<bool, StoreError> {
+        let limits = [Limit::new(key, quota, 0)];
+        let items = self.items(&limits);
+        let id = self.inner.ids.next();
+        let answer = self
+            .call(Mode::Pause, &items, &id, micros(duration), 0)
+            .await?;
+        // The script reports a paused limit with outcome code 1.
+        Ok(answer
+            .rows
+            .first()
+            .is_some_and(|r| r.decision.outcome == Outcome::Denied))
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
