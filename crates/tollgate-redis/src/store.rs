@@ -276,6 +276,11 @@ fn map_error(e: redis::RedisError) -> StoreError {
                     | redis::ServerErrorKind::MasterDown
                     | redis::ServerErrorKind::TryAgain
                     | redis::ServerErrorKind::BusyLoading
+                    // A redirection the cluster client gave up following: the slot's owner could
+                    // not be reached (a node down sends the request to a random node, which
+                    // answers MOVED back to it). The script had not run.
+                    | redis::ServerErrorKind::Moved
+                    | redis::ServerErrorKind::Ask
             ) | redis::ErrorKind::ClusterConnectionNotFound
         )
     {
@@ -531,13 +536,18 @@ impl RedisStore {
                 continue;
             }
             // Denied: give back what earlier groups took, then report every other limit as it
-            // stands.
+            // stands (a peek at cost 0, as the script does within a group).
             self.undo(&charged, &id).await;
+            let uncharged: Vec<Limit<'_>> = limits
+                .iter()
+                .map(|l| Limit::new(l.key, l.quota, 0))
+                .collect();
+            let uncharged = self.items(&uncharged);
             for other in &groups {
                 if other == group {
                     continue;
                 }
-                let sub = Self::subset(&items, other);
+                let sub = Self::subset(&uncharged, other);
                 let peek = self.call(Mode::Peek, &sub, &id, 0, 0).await?;
                 for (&i, row) in other.iter().zip(&peek.rows) {
                     decisions[i] = Some(row.decision);
