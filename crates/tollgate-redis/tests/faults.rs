@@ -1,0 +1,354 @@
+//! Failure semantics against real servers: calls fail fast with a classified error while Redis is
+//! down or unresponsive, the same store value recovers by itself, and a script flushed from the
+//! server's cache is reloaded without charging twice or losing state.
+
+mod common;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tollgate_core::{Limit, Outcome, Quota, Store, StoreError, StoreErrorKind, Verdict};
+use tollgate_redis::RedisStore;
+use tollgate_testkit::{RedisServer, Reply};
+
+/// The call timeout of the standalone fault tests.
+const TIMEOUT: Duration = Duration::from_millis(200);
+/// The call timeout of the cluster fault test.
+const CLUSTER_TIMEOUT: Duration = Duration::from_millis(300);
+/// Slack on top of the call timeout for a loaded CI machine.
+const MARGIN: Duration = Duration::from_millis(400);
+/// A backstop around every store call, far above any bound asserted, so a broken deadline fails
+/// the test instead of hanging it.
+const BACKSTOP: Duration = Duration::from_secs(10);
+
+fn roomy() -> Quota {
+    Quota::per_second(10_000).expect("valid quota")
+}
+
+/// One decision of cost 1, with the time it took.
+async fn decide(
+    store: &RedisStore,
+    key: &str,
+    quota: &Quota,
+) -> (Result<Verdict, StoreError>, Duration) {
+    let start = Instant::now();
+    let result = backstop(store.decide(&[Limit::new(key, quota, 1)])).await;
+    (result, start.elapsed())
+}
+
+async fn backstop<T>(f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(BACKSTOP, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("a store call ran past {BACKSTOP:?}: its own deadline did not fire"),
+    }
+}
+
+/// Asserts a call failed as a down or unresponsive Redis must make it fail: quickly, with a
+/// timeout or unavailable error that says something.
+fn assert_fast_failure(
+    result: Result<Verdict, StoreError>,
+    took: Duration,
+    bound: Duration,
+    what: &str,
+) -> StoreError {
+    let e = match result {
+        Ok(v) => panic!("{what}: expected an error, got {v:?}"),
+        Err(e) => e,
+    };
+    assert!(
+        e.is_unavailable() || e.is_timeout(),
+        "{what}: expected unavailable or timeout, got {:?}: {e}",
+        e.kind()
+    );
+    assert!(!e.to_string().is_empty(), "{what}: empty error message");
+    assert!(
+        took <= bound + MARGIN,
+        "{what}: took {took:?}, over {bound:?} + {MARGIN:?} ({e})"
+    );
+    e
+}
+
+/// Polls decisions until one succeeds (and allows), for at most `within`; returns the time it
+/// took.
+async fn until_allowed(store: &RedisStore, key: &str, quota: &Quota, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let last = match decide(store, key, quota).await.0 {
+            Ok(v) => {
+                assert!(v.is_allowed(), "after recovery {key} was denied: {v:?}");
+                return start.elapsed();
+            }
+            Err(e) => e,
+        };
+        assert!(
+            start.elapsed() < within,
+            "no successful decision on {key} within {within:?}; last error: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lazy_store(server: &RedisServer) -> RedisStore {
+    RedisStore::builder(server.url())
+        .timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT)
+        .build()
+        .expect("a lazy store builds")
+}
+
+/// Runs blocking test-kit code (process control, waiting for readiness) off the async workers.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_outage_fails_fast_and_recovers() {
+    let mut server = common::server();
+    let store = lazy_store(&server);
+    let quota = roomy();
+
+    let (first, _) = decide(&store, "outage", &quota).await;
+    assert!(first.expect("redis is up").is_allowed());
+
+    blocking(|| server.stop());
+    let mut kinds = Vec::new();
+    for i in 0..20 {
+        let (result, took) = decide(&store, "outage", &quota).await;
+        let e = assert_fast_failure(result, took, TIMEOUT, &format!("call {i} while down"));
+        kinds.push(e.kind());
+    }
+    // A closed port refuses at once: that is `unavailable` (nothing was sent), not a timeout
+    // (outcome unknown).
+    assert!(
+        kinds.contains(&StoreErrorKind::Unavailable),
+        "no call reported the refused connection as unavailable: {kinds:?}"
+    );
+
+    blocking(|| server.restart()).expect("the server restarts");
+    let took = until_allowed(&store, "outage", &quota, Duration::from_secs(10)).await;
+    // And it stays up: the next calls succeed at once.
+    for i in 0..5 {
+        let (result, _) = decide(&store, "outage", &quota).await;
+        match result {
+            Ok(v) => assert!(v.is_allowed(), "call {i} after recovery: {v:?}"),
+            Err(e) => panic!("call {i} after recovery ({took:?} to recover) failed: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_built_while_redis_is_down_works_once_it_is_up() {
+    let mut server = common::server();
+    blocking(|| server.stop());
+    let store = lazy_store(&server);
+    let quota = roomy();
+
+    for i in 0..5 {
+        let (result, took) = decide(&store, "late", &quota).await;
+        assert_fast_failure(
+            result,
+            took,
+            TIMEOUT,
+            &format!("call {i} before redis started"),
+        );
+    }
+    let ping = backstop(store.ping()).await;
+    let e = ping.expect_err("ping while down");
+    assert!(e.is_unavailable() || e.is_timeout(), "ping: {e}");
+
+    blocking(|| server.restart()).expect("the server starts");
+    until_allowed(&store, "late", &quota, Duration::from_secs(10)).await;
+    backstop(store.ping()).await.expect("ping once up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_flush_mid_run_reloads_without_double_charge() {
+    let server = common::server();
+    let store = common::connect(common::standalone_builder(&server)).await;
+    let quota = Quota::per_hour(1).unwrap().with_burst(5).unwrap();
+    let limit = [Limit::new("flushed", &quota, 1)];
+
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let v = backstop(store.decide(&limit))
+            .await
+            .expect("before the flush");
+        assert!(v.is_allowed(), "{v:?}");
+        remaining.push(v.decisions()[0].remaining);
+    }
+    // The store loaded the script on first use; SCRIPT FLUSH removes it.
+    let sha = script_sha1(&server);
+    let exists = |server: &RedisServer| {
+        server
+            .cmd(&["SCRIPT", "EXISTS", &sha])
+            .expect("SCRIPT EXISTS")
+    };
+    assert_eq!(exists(&server), Reply::Array(Some(vec![Reply::Int(1)])));
+    assert_eq!(
+        server.cmd(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH"),
+        Reply::Status("OK".into())
+    );
+    assert_eq!(exists(&server), Reply::Array(Some(vec![Reply::Int(0)])));
+
+    for _ in 0..2 {
+        let v = backstop(store.decide(&limit))
+            .await
+            .expect("after the flush: NOSCRIPT is handled by loading the script");
+        assert!(v.is_allowed(), "{v:?}");
+        remaining.push(v.decisions()[0].remaining);
+    }
+    // 5, 4, ... down to 0: each call charged exactly once, across the flush.
+    assert_eq!(remaining, [4, 3, 2, 1, 0]);
+    let v = backstop(store.decide(&limit))
+        .await
+        .expect("after the flush");
+    assert_eq!(v.outcome(), Outcome::Denied, "{v:?}");
+}
+
+/// The SHA1 of tollgate's script (what `EVALSHA` names it), computed by the server's Lua.
+fn script_sha1(server: &RedisServer) -> String {
+    let reply = server
+        .cmd(&[
+            "EVAL",
+            "return redis.sha1hex(ARGV[1])",
+            "0",
+            tollgate_redis::script_source(),
+        ])
+        .expect("EVAL sha1hex");
+    reply.as_str().expect("a hex digest").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresponsive_server_times_out() {
+    let server = common::server();
+    let store = lazy_store(&server);
+    let quota = roomy();
+
+    let (first, _) = decide(&store, "paused", &quota).await;
+    assert!(first.expect("redis is up").is_allowed());
+
+    // CLIENT PAUSE ALL holds every client's commands (EVALSHA included) for 1.5 s; the
+    // connection stays open, so only the deadline can end the call.
+    let paused_at = Instant::now();
+    let reply = server
+        .cmd(&["CLIENT", "PAUSE", "1500", "ALL"])
+        .expect("CLIENT PAUSE");
+    assert_eq!(reply, Reply::Status("OK".into()));
+
+    let (result, took) = decide(&store, "paused", &quota).await;
+    let e = assert_fast_failure(result, took, TIMEOUT, "call during CLIENT PAUSE");
+    assert!(
+        e.is_timeout(),
+        "expected a timeout, got {:?}: {e}",
+        e.kind()
+    );
+    assert!(
+        took >= TIMEOUT - Duration::from_millis(20),
+        "gave up early: {took:?}"
+    );
+    // Still within the pause: a second call times out too.
+    if paused_at.elapsed() < Duration::from_millis(1000) {
+        let (result, took) = decide(&store, "paused", &quota).await;
+        let e = assert_fast_failure(result, took, TIMEOUT, "second call during CLIENT PAUSE");
+        assert!(
+            e.is_timeout(),
+            "expected a timeout, got {:?}: {e}",
+            e.kind()
+        );
+    }
+
+    let took = until_allowed(&store, "paused", &quota, Duration::from_secs(10)).await;
+    assert!(
+        paused_at.elapsed() >= Duration::from_millis(1400),
+        "a call succeeded {:?} into a 1.5 s pause (after {took:?} of polling)",
+        paused_at.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_outage_fails_fast_and_recovers() {
+    let mut cluster = common::cluster();
+    let store = RedisStore::cluster_builder(cluster.urls())
+        .timeout(CLUSTER_TIMEOUT)
+        .connect_timeout(CLUSTER_TIMEOUT)
+        .build()
+        .expect("a lazy cluster store builds");
+    let quota = roomy();
+
+    let owned_by = |node: usize| -> String {
+        (0..10_000)
+            .map(|i| format!("k{i}"))
+            .find(|k| {
+                cluster
+                    .node_for_key(&store.redis_key(k))
+                    .expect("CLUSTER SLOTS")
+                    == node
+            })
+            .unwrap_or_else(|| panic!("no key found on node {node}"))
+    };
+    let down = owned_by(1);
+    let up = owned_by(0);
+
+    for key in [&down, &up] {
+        let (result, _) = decide(&store, key, &quota).await;
+        let v = result.unwrap_or_else(|e| panic!("{key} while healthy: {e}"));
+        assert!(v.is_allowed(), "{key}: {v:?}");
+    }
+
+    blocking(|| cluster.stop_node(1));
+    let stopped_at = Instant::now();
+    // Until the other nodes notice (cluster-node-timeout, 2 s) the cluster stays `ok` and the
+    // surviving nodes keep serving their slots.
+    let (result, _) = decide(&store, &up, &quota).await;
+    let v = result.unwrap_or_else(|e| {
+        panic!(
+            "{up} on a live node, {:?} after node 1 stopped: {e}",
+            stopped_at.elapsed()
+        )
+    });
+    assert!(v.is_allowed(), "{up}: {v:?}");
+
+    for i in 0..10 {
+        let (result, took) = decide(&store, &down, &quota).await;
+        assert_fast_failure(
+            result,
+            took,
+            CLUSTER_TIMEOUT,
+            &format!("call {i} on the stopped node"),
+        );
+    }
+    // Once the failure is detected, every node answers CLUSTERDOWN (full coverage is required):
+    // that too is `unavailable`, and quick.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let (result, took) = decide(&store, &up, &quota).await;
+        match result {
+            Ok(v) => assert!(v.is_allowed(), "{up}: {v:?}"),
+            Err(e) => {
+                assert!(
+                    e.is_unavailable(),
+                    "{up} once the cluster is down: {:?}: {e}",
+                    e.kind()
+                );
+                assert!(took <= CLUSTER_TIMEOUT + MARGIN, "took {took:?}: {e}");
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never reported the stopped node ({:?} since the stop)",
+            stopped_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let restart_at = Instant::now();
+    blocking(|| cluster.restart_node(1)).expect("node 1 rejoins");
+    until_allowed(&store, &down, &quota, Duration::from_secs(15)).await;
+    until_allowed(&store, &up, &quota, Duration::from_secs(5)).await;
+    assert!(
+        restart_at.elapsed() < Duration::from_secs(30),
+        "recovery took {:?}",
+        restart_at.elapsed()
+    );
+}
