@@ -590,4 +590,8 @@ impl<C: Clock> Store for MemoryStore<C> {
     fn kind(&self) -> &'static str {
         "memory"
     }
+
+    fn decide_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
+        Some(Ok(MemoryStore::decide_now(self, limits)))
+    }
 }

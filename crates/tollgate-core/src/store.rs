@@ -316,6 +316,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for metrics labels, such as `"memory"` or `"redis"`.
     fn kind(&self) -> &'static str;
+
+    /// Decides without waiting, if this store can: a store that answers from local memory returns
+    /// `Some`, and callers (the tower layers) then skip boxing a future and arming a timer. The
+    /// default, for stores that do I/O, is `None`.
+    fn decide_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
+        let _ = limits;
+        None
+    }
 }
 
 /// A boxed, `Send` future, as [`DynStore`] returns.
@@ -354,6 +362,8 @@ pub trait DynStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// [`Store::kind`].
     fn kind_dyn(&self) -> &'static str;
+    /// [`Store::decide_now`].
+    fn decide_now_dyn(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>>;
 }
 
 impl<S: Store> DynStore for S {
@@ -398,6 +408,10 @@ impl<S: Store> DynStore for S {
     fn kind_dyn(&self) -> &'static str {
         self.kind()
     }
+
+    fn decide_now_dyn(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
+        self.decide_now(limits)
+    }
 }
 
 impl Store for Arc<dyn DynStore> {
@@ -432,5 +446,9 @@ impl Store for Arc<dyn DynStore> {
 
     fn kind(&self) -> &'static str {
         self.as_ref().kind_dyn()
+    }
+
+    fn decide_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
+        self.as_ref().decide_now_dyn(limits)
     }
 }

@@ -318,6 +318,18 @@ pub fn insert_headers(headers: &mut HeaderMap, mode: HeaderMode, info: &RateLimi
     }
 }
 
+/// A problem+json body (RFC 9457) for another status, such as the 401 of an unknown API key or
+/// the 503 of `fail_closed`: `type` is `about:blank`.
+pub fn problem(status: u16, title: &str, detail: &str) -> String {
+    let mut out = String::with_capacity(title.len() + detail.len() + 64);
+    out.push_str("{\"type\":\"about:blank\",\"title\":");
+    push_json_string(&mut out, title);
+    let _ = write!(out, ",\"status\":{status},\"detail\":");
+    push_json_string(&mut out, detail);
+    out.push('}');
+    out
+}
+
 /// The problem+json body of a 429.
 ///
 /// `violated_policies` are the names of the policies that denied the request (any text: it is

@@ -15,6 +15,13 @@
 
 pub use tollgate_core as core;
 
+pub mod body;
 pub mod breaker;
 pub mod client_ip;
+mod denied;
 pub mod headers;
+pub mod inbound;
+pub mod metrics;
+
+#[cfg(feature = "redis")]
+pub use tollgate_redis as redis;

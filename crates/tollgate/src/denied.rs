@@ -1,0 +1,164 @@
+//! The denied-until cache: once a caller is denied, its next requests are answered locally until
+//! the known retry time, without a store round trip.
+//!
+//! Exact, not a heuristic: a denial says when a request of the same cost could pass at the
+//! earliest (`retry_after`), and nothing anyone does can make that earlier (other requests only
+//! spend more). So answering 429 locally before that instant never denies a request the store
+//! would have allowed.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tollgate_core::Decision;
+
+const SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<Box<str>, Denied>>;
+
+/// A bounded map from a caller (and route) to the instant its denial ends.
+#[derive(Debug)]
+pub(crate) struct DeniedCache {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    per_shard: usize,
+}
+
+/// A remembered denial: what to answer until `until`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Denied {
+    pub(crate) until: Instant,
+    pub(crate) reset_until: Instant,
+    /// The binding decision at the time, for the headers.
+    pub(crate) decision: Decision,
+    /// Which limit bound it (index into the request's limits).
+    pub(crate) binding: usize,
+}
+
+impl Denied {
+    /// The decision as it stands at `now`: the same denial, with its times counted down.
+    pub(crate) fn at(&self, now: Instant) -> Decision {
+        Decision {
+            retry_after: self.until.saturating_duration_since(now),
+            reset_after: self.reset_until.saturating_duration_since(now),
+            ..self.decision
+        }
+    }
+}
+
+impl DeniedCache {
+    /// A cache remembering at most `capacity` denials (at least one per shard).
+    pub(crate) fn new(capacity: usize) -> Self {
+        DeniedCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Shard {
+        &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
+    }
+
+    /// The denial in force for `key` at `now`, if any.
+    pub(crate) fn get(&self, key: &str, now: Instant) -> Option<Denied> {
+        let mut shard = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match shard.get(key) {
+            Some(d) if d.until > now => Some(*d),
+            Some(_) => {
+                shard.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers a denial of `key` lasting `retry_after` from `now`. When the shard is full and
+    /// nothing in it has expired, the denial is not remembered (the store stays the authority).
+    pub(crate) fn insert(
+        &self,
+        key: &str,
+        now: Instant,
+        decision: Decision,
+        binding: usize,
+        retry_after: Duration,
+    ) {
+        if retry_after.is_zero() {
+            return;
+        }
+        let mut shard = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shard.len() >= self.per_shard && !shard.contains_key(key) {
+            shard.retain(|_, d| d.until > now);
+            if shard.len() >= self.per_shard {
+                return;
+            }
+        }
+        shard.insert(
+            key.into(),
+            Denied {
+                until: now + retry_after,
+                reset_until: now + decision.reset_after,
+                decision,
+                binding,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_core::Outcome;
+
+    use super::*;
+
+    fn denial() -> Decision {
+        Decision {
+            outcome: Outcome::Denied,
+            limit: 5,
+            remaining: 0,
+            reset_after: Duration::from_secs(10),
+            retry_after: Duration::from_secs(2),
+            delay: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn remembers_until_the_retry_time() {
+        let cache = DeniedCache::new(100);
+        let t0 = Instant::now();
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2));
+        let hit = cache.get("k", t0 + Duration::from_millis(500)).unwrap();
+        let d = hit.at(t0 + Duration::from_millis(500));
+        assert_eq!(d.retry_after, Duration::from_millis(1500));
+        assert_eq!(d.reset_after, Duration::from_millis(9500));
+        assert!(cache.get("k", t0 + Duration::from_secs(2)).is_none());
+        assert!(cache.get("other", t0).is_none());
+    }
+
+    #[test]
+    fn bounded() {
+        let cache = DeniedCache::new(SHARDS);
+        let t0 = Instant::now();
+        for i in 0..1_000 {
+            cache.insert(&format!("k{i}"), t0, denial(), 0, Duration::from_secs(2));
+        }
+        let held: usize = cache.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(held <= SHARDS, "{held}");
+        // Once they expire, room is made again.
+        cache.insert(
+            "late",
+            t0 + Duration::from_secs(3),
+            denial(),
+            0,
+            Duration::from_secs(2),
+        );
+        assert!(cache.get("late", t0 + Duration::from_secs(3)).is_some());
+    }
+}

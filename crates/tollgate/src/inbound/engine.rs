@@ -1,0 +1,423 @@
+//! The decision for one request: limits, store, failure policy, cache, metrics, the answer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use tollgate_core::{Decision, DynStore, Limit, MemoryStore, Outcome, Quota, StoreError, Verdict};
+
+use super::identity::Identity;
+use super::policy::Policy;
+use crate::breaker::{Admission, CircuitBreaker};
+use crate::client_ip::fingerprint;
+use crate::denied::DeniedCache;
+use crate::headers::{self, HeaderMode, RateLimitInfo};
+use crate::metrics::{self as m, outcome};
+
+/// What the layer does when the store fails or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStoreError {
+    /// Let the request through (counted as `store_error`).
+    FailOpen,
+    /// Answer 503 with `Retry-After`.
+    FailClosed,
+    /// Decide in a local in-memory store while a circuit breaker keeps the failing store aside;
+    /// the breaker probes it again and closes once it answers.
+    #[default]
+    Local,
+}
+
+impl std::str::FromStr for OnStoreError {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fail_open" => Ok(OnStoreError::FailOpen),
+            "fail_closed" => Ok(OnStoreError::FailClosed),
+            "local" => Ok(OnStoreError::Local),
+            other => Err(format!(
+                "unknown on_error `{other}`: expected fail_open, fail_closed or local"
+            )),
+        }
+    }
+}
+
+/// The decision a handler can read from the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitDecision {
+    /// The caller's tier.
+    pub tier: Arc<str>,
+    /// The policy closest to denial (the one reported in the headers).
+    pub policy: Arc<str>,
+    /// Its decision.
+    pub decision: Decision,
+    /// Whether the store failed and the failure policy let the request through.
+    pub store_error: bool,
+}
+
+/// State shared by every clone of the layer and its services.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn DynStore>,
+    pub(crate) store_kind: &'static str,
+    pub(crate) fallback: MemoryStore,
+    pub(crate) breaker: CircuitBreaker,
+    pub(crate) on_error: OnStoreError,
+    pub(crate) timeout: Duration,
+    pub(crate) denied: Option<DeniedCache>,
+}
+
+/// The headers to add to the response of a forwarded request.
+#[derive(Debug, Clone)]
+pub(crate) struct After {
+    mode: HeaderMode,
+    policy: Arc<str>,
+    quota: Quota,
+    decision: Decision,
+    shadow: bool,
+}
+
+impl After {
+    pub(crate) fn apply(&self, headers: &mut http::HeaderMap) {
+        headers::insert_headers(
+            headers,
+            self.mode,
+            &RateLimitInfo {
+                policy: &self.policy,
+                quota: &self.quota,
+                decision: &self.decision,
+            },
+        );
+        if self.shadow {
+            // The request passed: no Retry-After on it.
+            headers.remove(header::RETRY_AFTER);
+        }
+    }
+}
+
+/// What to do with the request.
+pub(crate) enum Next {
+    /// Call the inner service (after `delay`), adding headers to its response.
+    Forward {
+        after: Option<After>,
+        delay: Duration,
+        extension: Option<RateLimitDecision>,
+    },
+    /// Answer without calling it.
+    Respond(Response<Bytes>),
+}
+
+/// The limits of one request, owned so a decision can outlive the call that built it.
+pub(crate) struct Plan {
+    policy: Arc<Policy>,
+    tier: Arc<str>,
+    keys: Vec<String>,
+    quotas: Vec<Quota>,
+    costs: Vec<u32>,
+    names: Vec<Arc<str>>,
+    cache_key: String,
+    key_hash: u128,
+}
+
+impl Plan {
+    fn limits(&self) -> Vec<Limit<'_>> {
+        self.keys
+            .iter()
+            .zip(&self.quotas)
+            .zip(&self.costs)
+            .map(|((k, q), &c)| Limit::new(k, q, c))
+            .collect()
+    }
+
+    fn cost(&self) -> u32 {
+        self.costs.first().copied().unwrap_or(0)
+    }
+}
+
+fn problem_response(status: StatusCode, body: String) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(headers::PROBLEM_CONTENT_TYPE),
+    );
+    response
+}
+
+/// The 401 of a request whose credentials are not known.
+pub(crate) fn unauthorized(detail: &str) -> Response<Bytes> {
+    let mut response = problem_response(
+        StatusCode::UNAUTHORIZED,
+        headers::problem(401, "Unauthorized", detail),
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn count(tier: &Arc<str>, outcome: &'static str) {
+    metrics::counter!(m::REQUESTS_TOTAL, "tier" => Arc::clone(tier), "outcome" => outcome)
+        .increment(1);
+}
+
+impl Shared {
+    /// Works out the limits of a request and what the cache or a store without I/O says; returns
+    /// the plan to decide asynchronously otherwise.
+    pub(crate) fn plan<B>(
+        &self,
+        policy: Arc<Policy>,
+        identity: Identity,
+        request: &Request<B>,
+    ) -> Result<Next, Box<Plan>> {
+        if policy.is_exempt_key(&identity.key) {
+            return Ok(Next::Forward {
+                after: None,
+                delay: Duration::ZERO,
+                extension: None,
+            });
+        }
+        let Some((tier, tier_quota)) = policy.tier(&identity.tier) else {
+            return Ok(Next::Respond(unauthorized(
+                "The caller's tier is not configured.",
+            )));
+        };
+        let route = policy.route(request.method(), request.uri().path());
+        let cost = route.map_or(1, |r| r.request_cost());
+        // The caller's limits share a hash tag, so on Redis Cluster they are decided in one call;
+        // the whole-service limit lives in its own slot.
+        let mut keys = vec![format!("{{{}}}:t:{tier}", identity.key)];
+        let mut quotas = vec![*tier_quota];
+        let mut costs = vec![cost];
+        let mut names = vec![Arc::clone(tier)];
+        if let Some(route) = route
+            && let Some(quota) = route.quota()
+        {
+            keys.push(format!("{{{}}}:r:{}", identity.key, route.name()));
+            quotas.push(*quota);
+            costs.push(cost);
+            names.push(route.name().into());
+        }
+        if let Some(global) = policy.global() {
+            keys.push("global".to_owned());
+            quotas.push(*global);
+            costs.push(1);
+            names.push("global".into());
+        }
+        let plan = Plan {
+            tier: Arc::clone(tier),
+            cache_key: match route {
+                Some(r) => format!("{}\u{0}{}", identity.key, r.name()),
+                None => identity.key.clone(),
+            },
+            key_hash: fingerprint(identity.key.as_bytes()),
+            policy,
+            keys,
+            quotas,
+            costs,
+            names,
+        };
+        if !plan.policy.is_shadow()
+            && let Some(cache) = &self.denied
+            && let Some(denied) = cache.get(&plan.cache_key, Instant::now())
+        {
+            let decision = denied.at(Instant::now());
+            return Ok(self.deny(&plan, denied.binding, decision, true));
+        }
+        let started = Instant::now();
+        match self.store.decide_now_dyn(&plan.limits()) {
+            Some(result) => {
+                metrics::histogram!(m::STORE_LATENCY_SECONDS, "store" => self.store_kind)
+                    .record(started.elapsed().as_secs_f64());
+                let result = result.or_else(|e| self.on_failure(&plan, &e, Admission::Store));
+                Ok(self.finish(&plan, result))
+            }
+            None => Err(Box::new(plan)),
+        }
+    }
+
+    /// Decides a plan on a store that does I/O, under the breaker, the timeout and the failure
+    /// policy.
+    pub(crate) async fn decide(self: Arc<Self>, plan: Box<Plan>) -> Next {
+        let admission = self.breaker.admit();
+        let result = match admission {
+            Admission::Fallback => self.unavailable(&plan),
+            Admission::Store | Admission::Probe => {
+                let started = Instant::now();
+                let limits = plan.limits();
+                let outcome = tokio::time::timeout(self.timeout, self.store.decide_boxed(&limits))
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError::timeout()));
+                metrics::histogram!(m::STORE_LATENCY_SECONDS, "store" => self.store_kind)
+                    .record(started.elapsed().as_secs_f64());
+                match outcome {
+                    Ok(verdict) => {
+                        self.breaker.on_success(admission);
+                        self.circuit_gauge();
+                        Ok(verdict)
+                    }
+                    Err(e) => self.on_failure(&plan, &e, admission),
+                }
+            }
+        };
+        self.finish(&plan, result)
+    }
+
+    fn circuit_gauge(&self) {
+        metrics::gauge!(m::CIRCUIT_OPEN, "store" => self.store_kind)
+            .set(if self.breaker.is_open() { 1.0 } else { 0.0 });
+    }
+
+    fn on_failure(
+        &self,
+        plan: &Plan,
+        error: &StoreError,
+        admission: Admission,
+    ) -> Result<Verdict, Failure> {
+        metrics::counter!(m::STORE_ERRORS_TOTAL, "store" => self.store_kind).increment(1);
+        tracing::warn!(store = self.store_kind, error = %error, "rate-limit store failed");
+        self.breaker.on_failure(admission);
+        self.circuit_gauge();
+        self.unavailable(plan)
+    }
+
+    fn unavailable(&self, plan: &Plan) -> Result<Verdict, Failure> {
+        match self.on_error {
+            OnStoreError::Local => Ok(self.fallback.decide_now(&plan.limits())),
+            OnStoreError::FailOpen => Err(Failure::Open),
+            OnStoreError::FailClosed => Err(Failure::Closed),
+        }
+    }
+
+    fn finish(&self, plan: &Plan, result: Result<Verdict, Failure>) -> Next {
+        let verdict = match result {
+            Ok(verdict) => verdict,
+            Err(failure) => {
+                count(&plan.tier, outcome::STORE_ERROR);
+                tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::STORE_ERROR, "rate limit");
+                return match failure {
+                    Failure::Open => Next::Forward {
+                        after: None,
+                        delay: Duration::ZERO,
+                        extension: Some(RateLimitDecision {
+                            tier: Arc::clone(&plan.tier),
+                            policy: Arc::clone(&plan.tier),
+                            decision: Decision {
+                                outcome: Outcome::Allowed,
+                                limit: plan.quotas[0].limit(),
+                                remaining: 0,
+                                reset_after: Duration::ZERO,
+                                retry_after: Duration::ZERO,
+                                delay: Duration::ZERO,
+                            },
+                            store_error: true,
+                        }),
+                    },
+                    Failure::Closed => {
+                        let retry = self.breaker.config().open_for.max(Duration::from_secs(1));
+                        let mut response = problem_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            headers::problem(
+                                503,
+                                "Service Unavailable",
+                                "The rate limiter cannot reach its store; try again shortly.",
+                            ),
+                        );
+                        response
+                            .headers_mut()
+                            .insert(header::RETRY_AFTER, headers::retry_after_header(retry));
+                        Next::Respond(response)
+                    }
+                };
+            }
+        };
+        let Some((binding, decision)) = verdict.binding() else {
+            return Next::Forward {
+                after: None,
+                delay: Duration::ZERO,
+                extension: None,
+            };
+        };
+        let decision = *decision;
+        if verdict.is_allowed() {
+            count(&plan.tier, outcome::ALLOWED);
+            metrics::counter!(m::TOKENS_CONSUMED_TOTAL, "tier" => Arc::clone(&plan.tier))
+                .increment(u64::from(plan.cost()));
+            tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::ALLOWED, "rate limit");
+            return self.forward(plan, binding, decision, verdict.delay(), false);
+        }
+        if plan.policy.is_shadow() {
+            count(&plan.tier, outcome::SHADOW_LIMITED);
+            tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::SHADOW_LIMITED, "rate limit");
+            return self.forward(plan, binding, decision, Duration::ZERO, true);
+        }
+        if let Some(cache) = &self.denied {
+            cache.insert(
+                &plan.cache_key,
+                Instant::now(),
+                decision,
+                binding,
+                verdict.retry_after(),
+            );
+        }
+        let decision = Decision {
+            retry_after: verdict.retry_after(),
+            ..decision
+        };
+        self.deny(plan, binding, decision, false)
+    }
+
+    fn forward(
+        &self,
+        plan: &Plan,
+        binding: usize,
+        decision: Decision,
+        delay: Duration,
+        shadow: bool,
+    ) -> Next {
+        let policy = Arc::clone(&plan.names[binding]);
+        Next::Forward {
+            after: Some(After {
+                mode: plan.policy.header_mode(),
+                policy: Arc::clone(&policy),
+                quota: plan.quotas[binding],
+                decision,
+                shadow,
+            }),
+            delay,
+            extension: Some(RateLimitDecision {
+                tier: Arc::clone(&plan.tier),
+                policy,
+                decision,
+                store_error: false,
+            }),
+        }
+    }
+
+    fn deny(&self, plan: &Plan, binding: usize, decision: Decision, cached: bool) -> Next {
+        count(&plan.tier, outcome::LIMITED);
+        metrics::counter!(m::BREACHES_TOTAL, "tier" => Arc::clone(&plan.tier)).increment(1);
+        tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::LIMITED, cached, "rate limit");
+        let name = &plan.names[binding];
+        let mut response = problem_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            headers::problem_json(&[name], decision.retry_after),
+        );
+        headers::insert_headers(
+            response.headers_mut(),
+            plan.policy.header_mode(),
+            &RateLimitInfo {
+                policy: name,
+                quota: &plan.quotas[binding],
+                decision: &decision,
+            },
+        );
+        Next::Respond(response)
+    }
+}
+
+/// The failure policy's answer when it does not decide locally.
+enum Failure {
+    Open,
+    Closed,
+}

@@ -1,0 +1,201 @@
+//! [`ResponseFuture`]: finds the caller, decides, then calls the inner service or answers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::engine::{After, Next, Shared, unauthorized};
+use super::identity::{Identity, Rejection};
+use super::policy::Policy;
+use crate::body::ResponseBody;
+
+type Decision = Pin<Box<dyn Future<Output = Next> + Send>>;
+
+/// What a request carries between states: the ready inner service and the request itself.
+struct Pending<S, B> {
+    inner: S,
+    request: Request<B>,
+    shared: Arc<Shared>,
+    policy: Arc<Policy>,
+}
+
+pin_project! {
+    /// The response future of [`RateLimit`](super::RateLimit).
+    ///
+    /// A hand-written state machine: with a built-in key extractor and the in-memory store the
+    /// decision is made on the first poll without boxing anything; a store that does I/O (Redis)
+    /// is awaited through one boxed future.
+    pub struct ResponseFuture<F, S, B, KF> {
+        #[pin]
+        state: State<F, S, B, KF>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, S, B, KF> {
+        Identify {
+            #[pin]
+            identify: KF,
+            pending: Option<Pending<S, B>>,
+        },
+        Decide {
+            decision: Decision,
+            pending: Option<Pending<S, B>>,
+        },
+        Delay {
+            sleep: Pin<Box<tokio::time::Sleep>>,
+            pending: Option<Pending<S, B>>,
+            after: Option<After>,
+        },
+        Call {
+            #[pin]
+            call: F,
+            after: Option<After>,
+        },
+        Respond {
+            response: Option<Response<Bytes>>,
+        },
+    }
+}
+
+impl<F, S, B, KF> ResponseFuture<F, S, B, KF> {
+    pub(crate) fn identify(
+        identify: KF,
+        inner: S,
+        request: Request<B>,
+        shared: Arc<Shared>,
+        policy: Arc<Policy>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Identify {
+                identify,
+                pending: Some(Pending {
+                    inner,
+                    request,
+                    shared,
+                    policy,
+                }),
+            },
+        }
+    }
+
+    pub(crate) fn call(call: F) -> Self {
+        ResponseFuture {
+            state: State::Call { call, after: None },
+        }
+    }
+}
+
+impl<F, S, B, KF, ResBody, E> Future for ResponseFuture<F, S, B, KF>
+where
+    S: Service<Request<B>, Response = Response<ResBody>, Error = E, Future = F>,
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    KF: Future<Output = Result<Identity, Rejection>>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Identify { identify, pending } => {
+                    let identity = ready!(identify.poll(cx));
+                    let Some(p) = pending.take() else {
+                        return Poll::Pending;
+                    };
+                    match identity {
+                        Err(Rejection::Unauthorized { detail }) => State::Respond {
+                            response: Some(unauthorized(&detail)),
+                        },
+                        Ok(identity) => {
+                            match p.shared.plan(Arc::clone(&p.policy), identity, &p.request) {
+                                Ok(next) => Self::advance(next, p),
+                                Err(plan) => State::Decide {
+                                    decision: Box::pin(Arc::clone(&p.shared).decide(plan)),
+                                    pending: Some(p),
+                                },
+                            }
+                        }
+                    }
+                }
+                StateProj::Decide { decision, pending } => {
+                    let next = ready!(decision.as_mut().poll(cx));
+                    let Some(p) = pending.take() else {
+                        return Poll::Pending;
+                    };
+                    Self::advance(next, p)
+                }
+                StateProj::Delay {
+                    sleep,
+                    pending,
+                    after,
+                } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    let Some(mut p) = pending.take() else {
+                        return Poll::Pending;
+                    };
+                    State::Call {
+                        call: p.inner.call(p.request),
+                        after: after.take(),
+                    }
+                }
+                StateProj::Call { call, after } => {
+                    let response = ready!(call.poll(cx))?;
+                    let (mut parts, body) = response.into_parts();
+                    if let Some(after) = after.take() {
+                        after.apply(&mut parts.headers);
+                    }
+                    return Poll::Ready(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
+                }
+                StateProj::Respond { response } => {
+                    let Some(response) = response.take() else {
+                        return Poll::Pending;
+                    };
+                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}
+
+impl<F, S, B, KF> ResponseFuture<F, S, B, KF>
+where
+    S: Service<Request<B>, Future = F>,
+{
+    fn advance(next: Next, mut p: Pending<S, B>) -> State<F, S, B, KF> {
+        match next {
+            Next::Respond(response) => State::Respond {
+                response: Some(response),
+            },
+            Next::Forward {
+                after,
+                delay,
+                extension,
+            } => {
+                if let Some(extension) = extension {
+                    p.request.extensions_mut().insert(extension);
+                }
+                if delay.is_zero() {
+                    State::Call {
+                        call: p.inner.call(p.request),
+                        after,
+                    }
+                } else {
+                    State::Delay {
+                        sleep: Box::pin(tokio::time::sleep(delay)),
+                        pending: Some(p),
+                        after,
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! [`RateLimitLayer`] and its builder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate_core::{DynStore, MemoryStore, Store};
+use tower_layer::Layer;
+
+use super::engine::{OnStoreError, Shared};
+use super::policy::{Policy, PolicyHandle};
+use super::service::RateLimit;
+use crate::breaker::{BreakerConfig, CircuitBreaker};
+use crate::denied::DeniedCache;
+
+/// The default bound on one store call, failure policy included.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
+/// The default number of denials the denied-until cache remembers.
+pub const DEFAULT_DENIED_CACHE: usize = 100_000;
+
+/// Rate-limits the requests of the services it wraps. `Clone`; every clone and every service it
+/// makes share one state.
+#[derive(Clone)]
+pub struct RateLimitLayer<K> {
+    shared: Arc<Shared>,
+    policy: PolicyHandle,
+    extractor: K,
+}
+
+impl<K> std::fmt::Debug for RateLimitLayer<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("store", &self.shared.store_kind)
+            .field("on_error", &self.shared.on_error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K> RateLimitLayer<K> {
+    /// Starts a layer enforcing `policy`, identifying callers with `extractor`.
+    pub fn builder(policy: Policy, extractor: K) -> RateLimitLayerBuilder<K> {
+        RateLimitLayerBuilder {
+            policy,
+            extractor,
+            store: None,
+            on_error: OnStoreError::default(),
+            timeout: DEFAULT_STORE_TIMEOUT,
+            breaker: BreakerConfig::default(),
+            denied_cache: Some(DEFAULT_DENIED_CACHE),
+            fallback_max_keys: tollgate_core::DEFAULT_MAX_KEYS,
+        }
+    }
+
+    /// The policy in force; [`PolicyHandle::set`] replaces it for every service of this layer
+    /// (a configuration reload), keeping the bucket state.
+    pub fn policy(&self) -> &PolicyHandle {
+        &self.policy
+    }
+}
+
+impl<S, K: Clone> Layer<S> for RateLimitLayer<K> {
+    type Service = RateLimit<S, K>;
+
+    fn layer(&self, inner: S) -> RateLimit<S, K> {
+        RateLimit::from_parts(
+            inner,
+            Arc::clone(&self.shared),
+            self.policy.clone(),
+            self.extractor.clone(),
+        )
+    }
+}
+
+/// Builds a [`RateLimitLayer`].
+pub struct RateLimitLayerBuilder<K> {
+    policy: Policy,
+    extractor: K,
+    store: Option<Arc<dyn DynStore>>,
+    on_error: OnStoreError,
+    timeout: Duration,
+    breaker: BreakerConfig,
+    denied_cache: Option<usize>,
+    fallback_max_keys: usize,
+}
+
+impl<K> std::fmt::Debug for RateLimitLayerBuilder<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitLayerBuilder")
+            .field("on_error", &self.on_error)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K> RateLimitLayerBuilder<K> {
+    /// Where the limit state lives (default: a [`MemoryStore`] of this process).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A store already shared as `Arc<dyn DynStore>`.
+    pub fn shared_store(mut self, store: Arc<dyn DynStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// What to do when the store fails or times out (default [`OnStoreError::Local`]).
+    pub fn on_store_error(mut self, on_error: OnStoreError) -> Self {
+        self.on_error = on_error;
+        self
+    }
+
+    /// The longest a store call may take before the failure policy applies (default 50 ms). It
+    /// bounds the latency the layer adds to a request (a leaky bucket's shaping delay aside).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// When the circuit breaker opens and how long before it probes the store again.
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
+    /// How many denials the denied-until cache remembers; `None` turns it off.
+    pub fn denied_cache(mut self, capacity: Option<usize>) -> Self {
+        self.denied_cache = capacity;
+        self
+    }
+
+    /// The key cap of the in-memory store used while the store is unavailable (`local`).
+    pub fn fallback_max_keys(mut self, max_keys: usize) -> Self {
+        self.fallback_max_keys = max_keys;
+        self
+    }
+
+    /// Builds the layer.
+    pub fn build(self) -> RateLimitLayer<K> {
+        let store: Arc<dyn DynStore> = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        RateLimitLayer {
+            shared: Arc::new(Shared {
+                store_kind: store.kind_dyn(),
+                store,
+                fallback: MemoryStore::builder()
+                    .max_keys(self.fallback_max_keys)
+                    .build(),
+                breaker: CircuitBreaker::new(self.breaker),
+                on_error: self.on_error,
+                timeout: self.timeout,
+                denied: self.denied_cache.map(DeniedCache::new),
+            }),
+            policy: PolicyHandle::new(self.policy),
+            extractor: self.extractor,
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The inbound layer: rate-limits the requests an axum (or any tower / hyper) server receives.
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use tollgate::client_ip::TrustedProxies;
+//! use tollgate::core::Quota;
+//! use tollgate::inbound::{ClientIp, Policy, RateLimitLayer};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let policy = Policy::builder()
+//!     .tier("anonymous", Quota::per_minute(60)?.with_burst(10)?)
+//!     .exempt_path("/healthz")
+//!     .build()?;
+//! let limiter = RateLimitLayer::builder(policy, ClientIp::new("anonymous", TrustedProxies::none()))
+//!     .build();
+//! let app: Router = Router::new()
+//!     .route("/api/hello", get(|| async { "hello" }))
+//!     .route("/healthz", get(|| async { "ok" }))
+//!     .layer(limiter);
+//! # let _ = app;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What happens to a request
+//!
+//! 1. An exempt path passes untouched (no headers).
+//! 2. The [`KeyExtractor`] finds the caller: a key (`user:alice`, `ip:203.0.113.7`) and a tier.
+//!    An unknown API key is answered **401**.
+//! 3. The limits of the request are gathered: the caller's tier (charged the route's cost), the
+//!    route's own limit if any (same cost), and the whole-service limit (one per request). They
+//!    are decided **in one store call, all or nothing**.
+//! 4. If the caller was denied moments ago, the **denied-until cache** answers 429 locally until
+//!    the known retry time, without a store call (exact: nothing can make that time earlier).
+//! 5. Allowed: the handler runs (after a leaky bucket's shaping delay), with the
+//!    [`RateLimitDecision`] in the request's extensions, and the response gets the rate-limit
+//!    headers of the limit closest to denial. Denied: **429** with `Retry-After`, the headers and
+//!    an `application/problem+json` body. In shadow mode the request passes with the headers,
+//!    counted as `shadow_limited`.
+//! 6. If the store fails or times out (after `timeout`, 50 ms by default), the [`OnStoreError`]
+//!    policy decides: let it through, answer 503 with `Retry-After`, or decide in a local
+//!    in-memory store while a circuit breaker keeps the store aside and probes it. Never a 500,
+//!    never a hang.
+//!
+//! Rejections are ordinary responses, so the service's error type is the inner one's: axum needs
+//! no `HandleErrorLayer`. `poll_ready` only forwards; the decision is made in the response future.
+
+mod engine;
+mod future;
+mod identity;
+mod layer;
+mod policy;
+mod service;
+
+pub use engine::{OnStoreError, RateLimitDecision};
+pub use future::ResponseFuture;
+pub use identity::{
+    ApiKeyEntry, ApiKeys, ClientIp, Global, HeaderValueKey, Identity, KeyExtractor, PeerAddr,
+    Rejection, peer_ip,
+};
+pub use layer::{
+    DEFAULT_DENIED_CACHE, DEFAULT_STORE_TIMEOUT, RateLimitLayer, RateLimitLayerBuilder,
+};
+pub use policy::{PathPattern, Policy, PolicyBuilder, PolicyError, PolicyHandle, Route};
+pub use service::RateLimit;

@@ -1,0 +1,390 @@
+//! [`Policy`]: what the inbound layer enforces — tiers, per-route costs and limits, the
+//! whole-service limit, headers, shadow mode and exemptions.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use http::Method;
+use tollgate_core::Quota;
+
+use crate::headers::HeaderMode;
+
+/// A path pattern: `/api/reports` matches that path exactly; `/api/*` matches `/api` and
+/// everything below it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PathPattern {
+    path: String,
+    prefix: bool,
+}
+
+impl PathPattern {
+    /// Parses `pattern`: a trailing `/*` makes it a prefix match.
+    pub fn new(pattern: &str) -> PathPattern {
+        match pattern.strip_suffix("/*") {
+            Some(base) => PathPattern {
+                path: base.to_owned(),
+                prefix: true,
+            },
+            None => PathPattern {
+                path: pattern.to_owned(),
+                prefix: false,
+            },
+        }
+    }
+
+    /// Whether `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        if self.prefix {
+            path.strip_prefix(self.path.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        } else {
+            path == self.path
+        }
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path)?;
+        if self.prefix {
+            f.write_str("/*")?;
+        }
+        Ok(())
+    }
+}
+
+/// A per-route rule: the cost of a request to it, and an optional extra limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    method: Option<Method>,
+    path: PathPattern,
+    cost: u32,
+    limit: Option<Quota>,
+    name: Arc<str>,
+}
+
+impl Route {
+    /// A rule for `path` (any method) with cost 1 and no extra limit.
+    pub fn new(path: &str) -> Route {
+        let path = PathPattern::new(path);
+        Route {
+            name: format!("route:{path}").into(),
+            method: None,
+            path,
+            cost: 1,
+            limit: None,
+        }
+    }
+
+    /// Only requests with this method.
+    pub fn method(mut self, method: Method) -> Route {
+        self.name = format!("route:{method} {}", self.path).into();
+        self.method = Some(method);
+        self
+    }
+
+    /// What a request to the route costs against the caller's tier and the route's own limit
+    /// (the whole-service limit counts requests). 0 makes the route free.
+    pub fn cost(mut self, cost: u32) -> Route {
+        self.cost = cost;
+        self
+    }
+
+    /// An extra limit for the route, per caller, on top of the tier.
+    pub fn limit(mut self, quota: Quota) -> Route {
+        self.limit = Some(quota);
+        self
+    }
+
+    /// The policy name reported in headers and metrics, such as `route:/api/search`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The cost of a request to this route.
+    pub fn request_cost(&self) -> u32 {
+        self.cost
+    }
+
+    /// The route's own limit, if any.
+    pub fn quota(&self) -> Option<&Quota> {
+        self.limit.as_ref()
+    }
+
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method) && self.path.matches(path)
+    }
+}
+
+/// A configuration mistake found while building a [`Policy`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A tier name used twice.
+    #[error("tier `{0}` is defined twice")]
+    DuplicateTier(String),
+    /// A route's cost exceeds what its own limit or the caller's tier could ever hold.
+    #[error("route `{route}` costs {cost}, more than its limit can ever hold ({limit})")]
+    CostTooHigh {
+        /// The route's name.
+        route: String,
+        /// Its cost.
+        cost: u32,
+        /// The limit it exceeds.
+        limit: u32,
+    },
+}
+
+/// Everything the inbound layer enforces, immutable once built; swap a whole new one in with
+/// [`PolicyHandle::set`] (a configuration reload keeps the bucket state, which lives in the store).
+///
+/// ```
+/// use http::Method;
+/// use std::time::Duration;
+/// use tollgate::inbound::{Policy, Route};
+/// use tollgate::core::Quota;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let policy = Policy::builder()
+///     .tier("anonymous", Quota::per_minute(10)?.with_burst(5)?)
+///     .tier("basic", Quota::per_minute(100)?.with_burst(20)?)
+///     .route(Route::new("/api/reports").method(Method::POST).cost(5))
+///     .route(Route::new("/api/search").limit(Quota::per_minute(30)?.with_burst(10)?))
+///     .global(Quota::per_second(1000)?.with_burst(2000)?)
+///     .exempt_path("/healthz")
+///     .build()?;
+/// assert!(policy.tier("basic").is_some());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Policy {
+    tiers: HashMap<Arc<str>, Quota>,
+    routes: Vec<Route>,
+    global: Option<Quota>,
+    headers: HeaderMode,
+    shadow: bool,
+    exempt_paths: Vec<PathPattern>,
+    exempt_keys: HashSet<String>,
+}
+
+/// Builds a [`Policy`].
+#[derive(Debug, Clone, Default)]
+pub struct PolicyBuilder {
+    tiers: Vec<(Arc<str>, Quota)>,
+    routes: Vec<Route>,
+    global: Option<Quota>,
+    headers: HeaderMode,
+    shadow: bool,
+    exempt_paths: Vec<PathPattern>,
+    exempt_keys: HashSet<String>,
+}
+
+impl PolicyBuilder {
+    /// Adds a tier: callers resolved to `name` are limited by `quota`.
+    pub fn tier(mut self, name: &str, quota: Quota) -> Self {
+        self.tiers.push((name.into(), quota));
+        self
+    }
+
+    /// Adds a route rule; the first rule matching a request applies.
+    pub fn route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// A whole-service limit, shared by every caller, checked together with the tier.
+    pub fn global(mut self, quota: Quota) -> Self {
+        self.global = Some(quota);
+        self
+    }
+
+    /// Which rate-limit headers responses carry (default: both families).
+    pub fn headers(mut self, mode: HeaderMode) -> Self {
+        self.headers = mode;
+        self
+    }
+
+    /// Shadow mode: decide, count and send headers, but never deny.
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// Requests to this path pattern are never limited (and carry no headers).
+    pub fn exempt_path(mut self, pattern: &str) -> Self {
+        self.exempt_paths.push(PathPattern::new(pattern));
+        self
+    }
+
+    /// Callers with this identity key (see [`Identity::key`](super::Identity)) are never limited.
+    pub fn exempt_key(mut self, key: impl Into<String>) -> Self {
+        self.exempt_keys.insert(key.into());
+        self
+    }
+
+    /// Checks and builds the policy.
+    pub fn build(self) -> Result<Policy, PolicyError> {
+        let mut tiers = HashMap::with_capacity(self.tiers.len());
+        for (name, quota) in self.tiers {
+            if tiers.insert(Arc::clone(&name), quota).is_some() {
+                return Err(PolicyError::DuplicateTier(name.to_string()));
+            }
+        }
+        for route in &self.routes {
+            if let Some(limit) = &route.limit
+                && route.cost > limit.limit()
+            {
+                return Err(PolicyError::CostTooHigh {
+                    route: route.name.to_string(),
+                    cost: route.cost,
+                    limit: limit.limit(),
+                });
+            }
+        }
+        Ok(Policy {
+            tiers,
+            routes: self.routes,
+            global: self.global,
+            headers: self.headers,
+            shadow: self.shadow,
+            exempt_paths: self.exempt_paths,
+            exempt_keys: self.exempt_keys,
+        })
+    }
+}
+
+impl Policy {
+    /// Starts a policy.
+    pub fn builder() -> PolicyBuilder {
+        PolicyBuilder::default()
+    }
+
+    /// The quota of a tier, with its shared name.
+    pub fn tier(&self, name: &str) -> Option<(&Arc<str>, &Quota)> {
+        self.tiers.get_key_value(name)
+    }
+
+    /// The first route rule matching a request.
+    pub fn route(&self, method: &Method, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, path))
+    }
+
+    /// The whole-service limit.
+    pub fn global(&self) -> Option<&Quota> {
+        self.global.as_ref()
+    }
+
+    /// The header mode.
+    pub fn header_mode(&self) -> HeaderMode {
+        self.headers
+    }
+
+    /// Whether the policy only observes.
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// Whether requests to `path` are exempt.
+    pub fn is_exempt_path(&self, path: &str) -> bool {
+        self.exempt_paths.iter().any(|p| p.matches(path))
+    }
+
+    /// Whether the identity key is exempt.
+    pub fn is_exempt_key(&self, key: &str) -> bool {
+        self.exempt_keys.contains(key)
+    }
+}
+
+/// A shared, replaceable [`Policy`]: the layer reads it on every request; a reload swaps it.
+#[derive(Debug, Clone)]
+pub struct PolicyHandle {
+    current: Arc<RwLock<Arc<Policy>>>,
+}
+
+impl PolicyHandle {
+    /// A handle holding `policy`.
+    pub fn new(policy: Policy) -> PolicyHandle {
+        PolicyHandle {
+            current: Arc::new(RwLock::new(Arc::new(policy))),
+        }
+    }
+
+    /// The policy in force.
+    pub fn get(&self) -> Arc<Policy> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces the policy; requests already in flight finish with the old one. Bucket state is
+    /// kept (keys do not depend on the quotas).
+    pub fn set(&self, policy: Policy) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_patterns() {
+        let exact = PathPattern::new("/api/search");
+        assert!(exact.matches("/api/search"));
+        assert!(!exact.matches("/api/search/x"));
+        let prefix = PathPattern::new("/api/*");
+        assert!(prefix.matches("/api"));
+        assert!(prefix.matches("/api/search"));
+        assert!(!prefix.matches("/apis"));
+        assert_eq!(prefix.to_string(), "/api/*");
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let policy = Policy::builder()
+            .route(Route::new("/api/reports").method(Method::POST).cost(5))
+            .route(Route::new("/api/*").cost(2))
+            .build()
+            .unwrap();
+        let post = policy.route(&Method::POST, "/api/reports").unwrap();
+        assert_eq!(
+            (post.request_cost(), post.name()),
+            (5, "route:POST /api/reports")
+        );
+        assert_eq!(
+            policy
+                .route(&Method::GET, "/api/reports")
+                .unwrap()
+                .request_cost(),
+            2
+        );
+        assert!(policy.route(&Method::GET, "/other").is_none());
+    }
+
+    #[test]
+    fn mistakes_are_errors() {
+        let q = Quota::per_second(1).unwrap();
+        assert_eq!(
+            Policy::builder()
+                .tier("a", q)
+                .tier("a", q)
+                .build()
+                .unwrap_err(),
+            PolicyError::DuplicateTier("a".into())
+        );
+        assert!(matches!(
+            Policy::builder()
+                .route(Route::new("/x").cost(3).limit(q))
+                .build(),
+            Err(PolicyError::CostTooHigh { .. })
+        ));
+    }
+
+    #[test]
+    fn handle_swaps() {
+        let handle = PolicyHandle::new(Policy::builder().build().unwrap());
+        assert!(!handle.get().is_shadow());
+        handle.set(Policy::builder().shadow(true).build().unwrap());
+        assert!(handle.get().is_shadow());
+    }
+}

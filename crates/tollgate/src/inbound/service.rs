@@ -1,0 +1,96 @@
+//! [`RateLimit`]: the service the layer wraps around yours.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::engine::Shared;
+use super::future::ResponseFuture;
+use super::identity::KeyExtractor;
+use super::policy::PolicyHandle;
+use crate::body::ResponseBody;
+
+/// Rate-limits the requests to an inner service: see the [module docs](super).
+///
+/// Clones share one state (store, policy, breaker, cache) behind an `Arc`, so the limit holds
+/// however the service is cloned or buffered.
+#[derive(Clone)]
+pub struct RateLimit<S, K> {
+    inner: S,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) policy: PolicyHandle,
+    pub(crate) extractor: K,
+}
+
+impl<S, K> std::fmt::Debug for RateLimit<S, K>
+where
+    S: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K> RateLimit<S, K> {
+    pub(crate) fn from_parts(
+        inner: S,
+        shared: Arc<Shared>,
+        policy: PolicyHandle,
+        extractor: K,
+    ) -> Self {
+        RateLimit {
+            inner,
+            shared,
+            policy,
+            extractor,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, K, B, ResBody> Service<Request<B>> for RateLimit<S, K>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    K: KeyExtractor<B>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, S, B, K::Future>;
+
+    /// Only forwards: inbound limiting never waits for readiness; the decision is made in the
+    /// response future.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let policy = self.policy.get();
+        if policy.is_exempt_path(request.uri().path()) {
+            return ResponseFuture::call(self.inner.call(request));
+        }
+        // The inner service was made ready by `poll_ready`: take it into the future and leave a
+        // fresh clone in its place (the clone is made ready by the next `poll_ready`).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let identify = self.extractor.extract(&request);
+        ResponseFuture::identify(identify, inner, request, Arc::clone(&self.shared), policy)
+    }
+}

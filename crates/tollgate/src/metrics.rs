@@ -1,0 +1,42 @@
+//! Metric names, emitted through the [`metrics`] facade: install any recorder (the example uses
+//! `metrics-exporter-prometheus`) to collect them.
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `rate_limiter_requests_total` | counter | `tier`, `outcome` = allowed / limited / shadow_limited / store_error |
+//! | `rate_limiter_tokens_consumed_total` | counter | `tier` |
+//! | `rate_limiter_breaches_total` | counter | `tier` (one per 429) |
+//! | `rate_limiter_store_latency_seconds` | histogram | `store` = memory / redis |
+//! | `rate_limiter_store_errors_total` | counter | `store` |
+//! | `rate_limiter_circuit_open` | gauge | `store` (1 while the breaker is open) |
+//! | `rate_limiter_wait_seconds` | histogram | `bucket` (outbound) |
+//! | `rate_limiter_upstream_limited_total` | counter | `bucket` (outbound: upstream 429/503) |
+
+/// Requests decided, by `tier` and `outcome`.
+pub const REQUESTS_TOTAL: &str = "rate_limiter_requests_total";
+/// Tokens (cost) consumed by allowed requests, by `tier`.
+pub const TOKENS_CONSUMED_TOTAL: &str = "rate_limiter_tokens_consumed_total";
+/// 429 answers, by `tier`.
+pub const BREACHES_TOTAL: &str = "rate_limiter_breaches_total";
+/// Store call latency, by `store`.
+pub const STORE_LATENCY_SECONDS: &str = "rate_limiter_store_latency_seconds";
+/// Store calls that failed or timed out, by `store`.
+pub const STORE_ERRORS_TOTAL: &str = "rate_limiter_store_errors_total";
+/// 1 while the circuit breaker keeps the store aside, by `store`.
+pub const CIRCUIT_OPEN: &str = "rate_limiter_circuit_open";
+/// Time outbound calls waited for a token, by `bucket`.
+pub const WAIT_SECONDS: &str = "rate_limiter_wait_seconds";
+/// Upstream 429 / 503 answers seen by outbound calls, by `bucket`.
+pub const UPSTREAM_LIMITED_TOTAL: &str = "rate_limiter_upstream_limited_total";
+
+/// The `outcome` label values.
+pub mod outcome {
+    /// The request passed.
+    pub const ALLOWED: &str = "allowed";
+    /// The request was answered 429.
+    pub const LIMITED: &str = "limited";
+    /// Shadow mode: it would have been answered 429, and passed.
+    pub const SHADOW_LIMITED: &str = "shadow_limited";
+    /// The store failed and the failure policy decided.
+    pub const STORE_ERROR: &str = "store_error";
+}
