@@ -18,6 +18,8 @@ pub use tollgate_core as core;
 pub mod body;
 pub mod breaker;
 pub mod client_ip;
+#[cfg(feature = "yaml")]
+pub mod config;
 mod denied;
 pub mod headers;
 pub mod inbound;

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::{Future, Ready, ready};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use http::{HeaderName, Request, header};
 
@@ -212,9 +212,17 @@ pub struct ApiKeyEntry {
 /// API keys from `X-Api-Key: KEY` or `Authorization: Bearer KEY`: a configured key selects its
 /// user and tier; an **unknown key is rejected with 401** (never a free pass, never another tier);
 /// no key means the anonymous tier, keyed by client IP.
+///
+/// Clones share one table, which [`replace_with`](ApiKeys::replace_with) swaps (a configuration
+/// reload).
 #[derive(Debug, Clone)]
 pub struct ApiKeys {
-    keys: Arc<HashMap<String, ApiKeyEntry>>,
+    table: Arc<RwLock<Arc<KeyTable>>>,
+}
+
+#[derive(Debug)]
+struct KeyTable {
+    keys: HashMap<String, ApiKeyEntry>,
     anonymous: ClientIp,
 }
 
@@ -225,9 +233,21 @@ impl ApiKeys {
         anonymous: ClientIp,
     ) -> ApiKeys {
         ApiKeys {
-            keys: Arc::new(keys.into_iter().collect()),
-            anonymous,
+            table: Arc::new(RwLock::new(Arc::new(KeyTable {
+                keys: keys.into_iter().collect(),
+                anonymous,
+            }))),
         }
+    }
+
+    /// Makes every clone of `self` use the keys (and anonymous rule) of `other` from now on.
+    pub fn replace_with(&self, other: &ApiKeys) {
+        let next = Arc::clone(&other.table.read().unwrap_or_else(PoisonError::into_inner));
+        *self.table.write().unwrap_or_else(PoisonError::into_inner) = next;
+    }
+
+    fn current(&self) -> Arc<KeyTable> {
+        Arc::clone(&self.table.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn presented<B>(request: &Request<B>) -> Option<&[u8]> {
@@ -246,12 +266,13 @@ impl<B> KeyExtractor<B> for ApiKeys {
     type Future = Ready<Result<Identity, Rejection>>;
 
     fn extract(&self, request: &Request<B>) -> Self::Future {
+        let table = self.current();
         let Some(presented) = Self::presented(request) else {
-            return ready(Ok(self.anonymous.identity(request)));
+            return ready(Ok(table.anonymous.identity(request)));
         };
         let entry = std::str::from_utf8(presented)
             .ok()
-            .and_then(|k| self.keys.get(k.trim()));
+            .and_then(|k| table.keys.get(k.trim()));
         ready(match entry {
             Some(entry) => Ok(Identity {
                 key: bounded_key(&format!("user:{}", entry.user)).into_owned(),

@@ -1,0 +1,712 @@
+//! The YAML configuration (feature `yaml`): tiers, routes, the global limit, API keys, trusted
+//! proxies, headers, shadow mode and the store.
+//!
+//! ```yaml
+//! store: memory                      # or: { redis: { url: "redis://127.0.0.1:6379", prefix: "tollgate", timeout_ms: 50, on_error: local } }
+//!                                    #     { redis: { cluster: ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"] } }
+//! headers: both                      # ietf | legacy | both | none
+//! shadow: false                      # true: decide, count and send headers, but never deny
+//! global: { requests_per_second: 1000, burst_limit: 2000 }
+//! rate_limits:
+//!   anonymous:  { requests_per_minute: 10,   burst_limit: 5 }
+//!   basic:      { requests_per_minute: 100,  burst_limit: 20 }
+//!   enterprise: { requests_per_minute: 1000, burst_limit: 200, algorithm: sliding_window_log }
+//! routes:
+//!   - { method: POST, path: /api/reports, cost: 5 }
+//!   - { path: /api/search, limit: { requests_per_minute: 30, burst_limit: 10 } }
+//! api_keys:
+//!   key-alice: { user: alice, tier: basic }
+//! trusted_proxies: ["127.0.0.1/32"]
+//! exempt_paths: [/healthz, /metrics]
+//! ```
+//!
+//! # Limits
+//!
+//! A limit (a tier, `global`, a route's `limit`) is written as a rate, `requests_per_second`,
+//! `requests_per_minute` or `requests_per_hour` (exactly one), or as `limit` + `window` (`10s`,
+//! `1m`, `250ms`...). `algorithm` is `token_bucket` (default), `leaky_bucket`, `fixed_window`,
+//! `sliding_window_log` or `sliding_window_counter`.
+//!
+//! * Token bucket: capacity `burst_limit` (default: the rate's count), refilled at the rate; a
+//!   new key starts full. With `limit` + `window`, the capacity is `limit`, refilled over `window`.
+//! * Leaky bucket: requests leave at the rate's spacing; `max_delay` (default: the time
+//!   `burst_limit` requests take to leave, or none) bounds how long one may wait.
+//! * Window algorithms: `limit` requests per `window`; the rate form means `n` per second, minute
+//!   or hour. `burst_limit` is accepted and has no effect on them (the window is the burst).
+//!
+//! Zero or negative rates, a `burst_limit` of 0, unknown keys, an unknown tier in `api_keys` and a
+//! bad duration are errors naming the file, the line and the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use serde::Deserialize;
+use tollgate_core::{Algorithm, Quota, parse_duration};
+
+use crate::client_ip::{Cidr, TrustedProxies};
+use crate::headers::HeaderMode;
+use crate::inbound::{ApiKeyEntry, ApiKeys, ClientIp, OnStoreError, Policy, Route};
+
+/// A configuration error: which file, which line, which field, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (or the name given to [`Config::parse`]).
+    pub file: PathBuf,
+    /// The 1-based line, when known.
+    pub line: Option<usize>,
+    /// The field, as a dotted path (`rate_limits.basic.burst_limit`), when known.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    store: StoreSpec,
+    #[serde(default)]
+    headers: Option<String>,
+    #[serde(default)]
+    shadow: bool,
+    #[serde(default)]
+    global: Option<LimitSpec>,
+    rate_limits: BTreeMap<String, LimitSpec>,
+    #[serde(default)]
+    routes: Vec<RouteSpec>,
+    #[serde(default)]
+    api_keys: BTreeMap<String, ApiKeySpec>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default)]
+    exempt_paths: Vec<String>,
+    #[serde(default)]
+    anonymous_tier: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(untagged)]
+enum StoreSpec {
+    #[default]
+    #[serde(skip)]
+    Default,
+    Name(String),
+    Redis {
+        redis: RedisSpec,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisSpec {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    cluster: Option<Vec<String>>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    on_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitSpec {
+    requests_per_second: Option<NonZeroU32>,
+    requests_per_minute: Option<NonZeroU32>,
+    requests_per_hour: Option<NonZeroU32>,
+    burst_limit: Option<NonZeroU32>,
+    limit: Option<NonZeroU32>,
+    window: Option<String>,
+    algorithm: Option<String>,
+    max_delay: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSpec {
+    #[serde(default)]
+    method: Option<String>,
+    path: String,
+    #[serde(default)]
+    cost: Option<u32>,
+    #[serde(default)]
+    limit: Option<LimitSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeySpec {
+    user: String,
+    tier: String,
+}
+
+/// Where the limit state lives, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In this process.
+    Memory,
+    /// A standalone Redis.
+    Redis {
+        /// Its URL.
+        url: String,
+        /// Key prefix.
+        prefix: String,
+    },
+    /// A Redis Cluster.
+    Cluster {
+        /// Node URLs.
+        nodes: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+    },
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What to enforce.
+    pub policy: Policy,
+    /// Who is calling: API keys, anonymous callers by IP.
+    pub keys: ApiKeys,
+    /// Where the state lives.
+    pub store: StoreConfig,
+    /// What to do when the store fails.
+    pub on_error: OnStoreError,
+    /// The store call timeout.
+    pub timeout: Duration,
+}
+
+/// Finds the line of a dotted field path in YAML text, for errors found after parsing: each path
+/// component is searched as `name:` from the line of the previous one; a component `=text`
+/// searches for a value (a route's path); `[i]` components are skipped.
+fn locate(text: &str, path: &[&str]) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0;
+    let mut found = None;
+    for part in path {
+        if part.starts_with('[') {
+            continue;
+        }
+        if let Some(value) = part.strip_prefix('=') {
+            let at = (from..lines.len()).find(|&i| lines[i].contains(value))?;
+            found = Some(at + 1);
+            from = at;
+            continue;
+        }
+        let needle_plain = format!("{part}:");
+        let needle_quoted = format!("\"{part}\":");
+        let at = (from..lines.len()).find(|&i| {
+            let line = lines[i].split('#').next().unwrap_or("");
+            line.match_indices(&needle_plain).any(|(pos, _)| {
+                pos == 0
+                    || !line.as_bytes()[pos - 1].is_ascii_alphanumeric()
+                        && line.as_bytes()[pos - 1] != b'_'
+            }) || line.contains(&needle_quoted)
+        })?;
+        found = Some(at + 1);
+        from = at;
+    }
+    found
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn error(&self, path: &[&str], message: impl Into<String>) -> ConfigError {
+        let field =
+            path.iter()
+                .filter(|p| !p.starts_with('='))
+                .fold(String::new(), |mut out, p| {
+                    if !out.is_empty() && !p.starts_with('[') {
+                        out.push('.');
+                    }
+                    out.push_str(p);
+                    out
+                });
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: locate(self.text, path),
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+
+    fn duration(&self, path: &[&str], text: &str) -> Result<Duration, ConfigError> {
+        parse_duration(text).map_err(|e| self.error(path, e.to_string()))
+    }
+
+    fn quota(&self, path: &[&str], spec: &LimitSpec) -> Result<Quota, ConfigError> {
+        let algorithm = match &spec.algorithm {
+            Some(name) => name
+                .parse::<Algorithm>()
+                .map_err(|e| self.error(&[path, &["algorithm"]].concat(), e.to_string()))?,
+            None => Algorithm::TokenBucket,
+        };
+        let rates = [
+            (spec.requests_per_second, Duration::from_secs(1)),
+            (spec.requests_per_minute, Duration::from_secs(60)),
+            (spec.requests_per_hour, Duration::from_secs(3600)),
+        ];
+        let mut given = rates.iter().filter_map(|(n, p)| n.map(|n| (n.get(), *p)));
+        let rate = given.next();
+        if given.next().is_some() {
+            return Err(self.error(
+                path,
+                "give only one of requests_per_second, requests_per_minute, requests_per_hour",
+            ));
+        }
+        let window = match &spec.window {
+            Some(w) => Some(self.duration(&[path, &["window"]].concat(), w)?),
+            None => None,
+        };
+        let (count, period) = match (rate, spec.limit, window) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                return Err(self.error(path, "give either a rate or limit + window, not both"));
+            }
+            (Some((n, p)), None, None) => (n, p),
+            (None, Some(limit), Some(window)) => (limit.get(), window),
+            (None, Some(_), None) => {
+                return Err(self.error(&[path, &["window"]].concat(), "`limit` needs a `window`"));
+            }
+            (None, None, Some(_)) => {
+                return Err(self.error(&[path, &["limit"]].concat(), "`window` needs a `limit`"));
+            }
+            (None, None, None) => {
+                return Err(self.error(
+                    path,
+                    "missing rate: give requests_per_second, requests_per_minute, requests_per_hour, or limit + window",
+                ));
+            }
+        };
+        let field = |name: &'static str| [path, &[name]].concat();
+        let quota = match algorithm {
+            Algorithm::TokenBucket => {
+                let q = Quota::per_period(count, period)
+                    .map_err(|e| self.error(path, e.to_string()))?;
+                match spec.burst_limit {
+                    Some(b) => q
+                        .with_burst(b.get())
+                        .map_err(|e| self.error(&field("burst_limit"), e.to_string()))?,
+                    None => q,
+                }
+            }
+            Algorithm::LeakyBucket => {
+                let q = Quota::per_period(count, period)
+                    .map_err(|e| self.error(path, e.to_string()))?;
+                let max_delay = match (&spec.max_delay, spec.burst_limit) {
+                    (Some(d), _) => self.duration(&field("max_delay"), d)?,
+                    (None, Some(b)) => q.interval() * (b.get() - 1),
+                    (None, None) => Duration::ZERO,
+                };
+                q.shaped(max_delay)
+                    .map_err(|e| self.error(&field("max_delay"), e.to_string()))?
+            }
+            other => {
+                Quota::window(other, count, period).map_err(|e| self.error(path, e.to_string()))?
+            }
+        };
+        if spec.max_delay.is_some() && algorithm != Algorithm::LeakyBucket {
+            return Err(self.error(
+                &field("max_delay"),
+                "max_delay applies to the leaky_bucket algorithm only",
+            ));
+        }
+        Ok(quota)
+    }
+}
+
+fn yaml_error(file: &Path, e: &serde_yaml_ng::Error) -> ConfigError {
+    let message = e.to_string();
+    // serde_yaml_ng writes "path.to.field: what ... at line L column C".
+    let (field, rest) = match message.split_once(": ") {
+        Some((field, rest))
+            if !field.contains(' ') && field.chars().all(|c| c.is_ascii_graphic()) =>
+        {
+            (Some(field.to_owned()), rest.to_owned())
+        }
+        _ => (None, message.clone()),
+    };
+    let rest = match rest.rfind(" at line ") {
+        Some(i) => rest[..i].to_owned(),
+        None => rest,
+    };
+    ConfigError {
+        file: file.to_path_buf(),
+        line: e.location().map(|l| l.line()),
+        field,
+        message: rest,
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            field: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let file = file.as_ref();
+        let parsed: File = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(file, &e))?;
+        let ctx = Ctx { file, text };
+
+        let mut policy = Policy::builder().shadow(parsed.shadow);
+        if let Some(mode) = &parsed.headers {
+            let mode: HeaderMode =
+                mode.parse()
+                    .map_err(|e: crate::headers::ParseHeaderModeError| {
+                        ctx.error(&["headers"], e.to_string())
+                    })?;
+            policy = policy.headers(mode);
+        }
+        if parsed.rate_limits.is_empty() {
+            return Err(ctx.error(&["rate_limits"], "at least one tier is needed"));
+        }
+        for (name, spec) in &parsed.rate_limits {
+            policy = policy.tier(name, ctx.quota(&["rate_limits", name], spec)?);
+        }
+        if let Some(spec) = &parsed.global {
+            policy = policy.global(ctx.quota(&["global"], spec)?);
+        }
+        for (i, spec) in parsed.routes.iter().enumerate() {
+            let index = format!("[{i}]");
+            let value = format!("={}", spec.path);
+            let at = |field: &'static str| ["routes", index.as_str(), value.as_str(), field];
+            if !spec.path.starts_with('/') {
+                return Err(ctx.error(
+                    &at("path"),
+                    format!("route path `{}` must start with /", spec.path),
+                ));
+            }
+            let mut route = Route::new(&spec.path);
+            if let Some(method) = &spec.method {
+                let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| ctx.error(&at("method"), format!("invalid method `{method}`")))?;
+                route = route.method(method);
+            }
+            if let Some(cost) = spec.cost {
+                route = route.cost(cost);
+            }
+            if let Some(limit) = &spec.limit {
+                let quota = ctx.quota(&at("limit"), limit)?;
+                if spec.cost.unwrap_or(1) > quota.limit() {
+                    return Err(ctx.error(
+                        &at("cost"),
+                        format!(
+                            "the cost is more than the route's limit can ever hold ({})",
+                            quota.limit()
+                        ),
+                    ));
+                }
+                route = route.limit(quota);
+            }
+            policy = policy.route(route);
+        }
+        for path in &parsed.exempt_paths {
+            policy = policy.exempt_path(path);
+        }
+        let anonymous = parsed
+            .anonymous_tier
+            .clone()
+            .unwrap_or_else(|| "anonymous".to_owned());
+        if !parsed.rate_limits.contains_key(&anonymous) {
+            return Err(ctx.error(
+                &["rate_limits"],
+                format!("tier `{anonymous}` is needed for callers without an API key"),
+            ));
+        }
+        let mut entries = Vec::with_capacity(parsed.api_keys.len());
+        for (key, spec) in &parsed.api_keys {
+            if !parsed.rate_limits.contains_key(&spec.tier) {
+                return Err(ctx.error(
+                    &["api_keys", key, "tier"],
+                    format!(
+                        "unknown tier `{}` (tiers: {})",
+                        spec.tier,
+                        parsed
+                            .rate_limits
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            entries.push((
+                key.clone(),
+                ApiKeyEntry {
+                    user: spec.user.clone(),
+                    tier: spec.tier.as_str().into(),
+                },
+            ));
+        }
+        let mut trusted = Vec::with_capacity(parsed.trusted_proxies.len());
+        for cidr in &parsed.trusted_proxies {
+            trusted.push(
+                cidr.parse::<Cidr>()
+                    .map_err(|e| ctx.error(&["trusted_proxies"], e.to_string()))?,
+            );
+        }
+        let keys = ApiKeys::new(
+            entries,
+            ClientIp::new(&anonymous, trusted.into_iter().collect::<TrustedProxies>()),
+        );
+        let policy = policy
+            .build()
+            .map_err(|e| ctx.error(&["routes"], e.to_string()))?;
+
+        let (store, on_error, timeout) = match &parsed.store {
+            StoreSpec::Default => (
+                StoreConfig::Memory,
+                OnStoreError::default(),
+                crate::inbound::DEFAULT_STORE_TIMEOUT,
+            ),
+            StoreSpec::Name(name) if name == "memory" => (
+                StoreConfig::Memory,
+                OnStoreError::default(),
+                crate::inbound::DEFAULT_STORE_TIMEOUT,
+            ),
+            StoreSpec::Name(other) => {
+                return Err(ctx.error(
+                    &["store"],
+                    format!("unknown store `{other}`: expected memory or {{ redis: ... }}"),
+                ));
+            }
+            StoreSpec::Redis { redis } => {
+                let prefix = redis
+                    .prefix
+                    .clone()
+                    .unwrap_or_else(|| "tollgate".to_owned());
+                let store = match (&redis.url, &redis.cluster) {
+                    (Some(url), None) => StoreConfig::Redis {
+                        url: url.clone(),
+                        prefix,
+                    },
+                    (None, Some(nodes)) if !nodes.is_empty() => StoreConfig::Cluster {
+                        nodes: nodes.clone(),
+                        prefix,
+                    },
+                    (None, None) => StoreConfig::Redis {
+                        url: "redis://127.0.0.1:6379".to_owned(),
+                        prefix,
+                    },
+                    _ => {
+                        return Err(ctx.error(
+                            &["store", "redis"],
+                            "give either url or a non-empty cluster list",
+                        ));
+                    }
+                };
+                let on_error = match &redis.on_error {
+                    Some(s) => s
+                        .parse()
+                        .map_err(|e: String| ctx.error(&["store", "redis", "on_error"], e))?,
+                    None => OnStoreError::default(),
+                };
+                let timeout = match redis.timeout_ms {
+                    Some(0) => {
+                        return Err(ctx.error(
+                            &["store", "redis", "timeout_ms"],
+                            "the timeout must be at least 1 ms",
+                        ));
+                    }
+                    Some(ms) => Duration::from_millis(ms),
+                    None => crate::inbound::DEFAULT_STORE_TIMEOUT,
+                };
+                (store, on_error, timeout)
+            }
+        };
+        Ok(Config {
+            policy,
+            keys,
+            store,
+            on_error,
+            timeout,
+        })
+    }
+}
+
+impl Config {
+    /// Builds the inbound layer this configuration describes. A Redis store connects lazily (the
+    /// application starts even while Redis is down; the failure policy covers the meantime), so
+    /// this must run inside a Tokio runtime. Needs the `redis` feature for a Redis store.
+    pub fn layer(&self) -> Result<crate::inbound::RateLimitLayer<ApiKeys>, ConfigError> {
+        let builder =
+            crate::inbound::RateLimitLayer::builder(self.policy.clone(), self.keys.clone())
+                .on_store_error(self.on_error)
+                .timeout(self.timeout);
+        let builder = match &self.store {
+            StoreConfig::Memory => builder,
+            #[cfg(feature = "redis")]
+            StoreConfig::Redis { url, prefix } => {
+                builder.store(self.redis(
+                    tollgate_redis::RedisStore::builder(url.clone()).prefix(prefix.clone()),
+                )?)
+            }
+            #[cfg(feature = "redis")]
+            StoreConfig::Cluster { nodes, prefix } => builder.store(self.redis(
+                tollgate_redis::RedisStore::cluster_builder(nodes.clone()).prefix(prefix.clone()),
+            )?),
+            #[cfg(not(feature = "redis"))]
+            StoreConfig::Redis { .. } | StoreConfig::Cluster { .. } => {
+                return Err(ConfigError {
+                    file: PathBuf::new(),
+                    line: None,
+                    field: Some("store".to_owned()),
+                    message: "a Redis store needs tollgate's `redis` feature".to_owned(),
+                });
+            }
+        };
+        Ok(builder.build())
+    }
+
+    #[cfg(feature = "redis")]
+    fn redis(
+        &self,
+        builder: tollgate_redis::RedisStoreBuilder,
+    ) -> Result<tollgate_redis::RedisStore, ConfigError> {
+        builder
+            .timeout(self.timeout)
+            .build()
+            .map_err(|e| ConfigError {
+                file: PathBuf::new(),
+                line: None,
+                field: Some("store.redis".to_owned()),
+                message: e.to_string(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+store: memory
+headers: both
+shadow: false
+global:
+  requests_per_second: 1000
+  burst_limit: 2000
+rate_limits:
+  anonymous:  { requests_per_minute: 10,   burst_limit: 5 }
+  basic:      { requests_per_minute: 100,  burst_limit: 20 }
+  pro:        { requests_per_minute: 500,  burst_limit: 100 }
+  enterprise: { requests_per_minute: 1000, burst_limit: 200, algorithm: sliding_window_log }
+  windowed:   { limit: 30, window: 10s, algorithm: fixed_window }
+routes:
+  - { method: POST, path: /api/reports, cost: 5 }
+  - { path: /api/search, limit: { requests_per_minute: 30, burst_limit: 10 } }
+api_keys:
+  key-alice: { user: alice, tier: basic }
+  key-bob:   { user: bob,   tier: pro }
+trusted_proxies: ["127.0.0.1/32"]
+"#;
+
+    fn err(text: &str) -> ConfigError {
+        Config::parse(text, "limits.yaml").unwrap_err()
+    }
+
+    #[test]
+    fn the_design_example_loads() {
+        let c = Config::parse(GOOD, "limits.yaml").unwrap();
+        let (_, basic) = c.policy.tier("basic").unwrap();
+        assert_eq!(basic.limit(), 20);
+        assert_eq!(basic.interval(), Duration::from_millis(600));
+        let (_, ent) = c.policy.tier("enterprise").unwrap();
+        assert_eq!(ent.algorithm(), Algorithm::SlidingWindowLog);
+        assert_eq!(
+            (ent.limit(), ent.interval()),
+            (1000, Duration::from_secs(60))
+        );
+        assert_eq!(c.policy.global().unwrap().limit(), 2000);
+        assert_eq!(
+            c.policy
+                .route(&Method::POST, "/api/reports")
+                .unwrap()
+                .request_cost(),
+            5
+        );
+        assert_eq!(c.store, StoreConfig::Memory);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = err(&GOOD.replace("100,  burst_limit: 20 }", "100,  burst_limit: 0 }"));
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("limits.yaml:10: rate_limits.basic.burst_limit"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("requests_per_minute: 100,", "requests_per_minute: 0,"));
+        assert_eq!(e.line, Some(10), "{e}");
+
+        let e = err(&GOOD.replace("tier: pro }", "tier: platinum }"));
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(19), Some("api_keys.key-bob.tier")),
+            "{e}"
+        );
+        assert!(e.message.contains("platinum"));
+
+        let e = err(&GOOD.replace("shadow: false", "shadow: false\nsurprise: 1"));
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.message.contains("surprise"), "{e}");
+
+        let e = err(&GOOD.replace("window: 10s", "window: 10 parsecs"));
+        assert_eq!(e.line, Some(13), "{e}");
+        assert_eq!(e.field.as_deref(), Some("rate_limits.windowed.window"));
+
+        let e = err(&GOOD.replace(
+            "requests_per_minute: 30, burst_limit: 10",
+            "requests_per_minute: 30, burst_limit: 0",
+        ));
+        assert_eq!(e.line, Some(16), "{e}");
+        let e = err(&GOOD.replace(
+            "cost: 5",
+            "cost: 5, limit: { requests_per_minute: 1, burst_limit: 2 }",
+        ));
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(15), Some("routes[0].cost")),
+            "{e}"
+        );
+
+        let e = err("rate_limits: [\n");
+        assert!(e.line.is_some(), "{e}");
+    }
+}

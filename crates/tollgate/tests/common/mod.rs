@@ -1,0 +1,79 @@
+//! Shared helpers of the inbound tests: a real axum server on 127.0.0.1:0 behind the layer, and
+//! a client.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Extension;
+use axum::routing::{get, post};
+use tokio::task::JoinHandle;
+use tollgate::inbound::RateLimitDecision;
+
+/// A server running in the background; stopped when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `app` on a free port of 127.0.0.1, with the peer address available to the layer.
+pub async fn serve(app: Router) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+    TestServer { addr, task }
+}
+
+/// The routes of the example server: `/api/hello`, `POST /api/reports`, `/api/search`, and
+/// `/healthz`; `/api/whoami` echoes the decision the layer put in the request.
+pub fn routes() -> Router {
+    Router::new()
+        .route("/api/hello", get(|| async { "hello" }))
+        .route("/api/reports", post(|| async { "report queued" }))
+        .route("/api/search", get(|| async { "results" }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/api/whoami",
+            get(
+                |decision: Option<Extension<RateLimitDecision>>| async move {
+                    match decision {
+                        Some(Extension(d)) => {
+                            format!("{} {} {}", d.tier, d.policy, d.decision.remaining)
+                        }
+                        None => "none".to_owned(),
+                    }
+                },
+            ),
+        )
+}
+
+/// A client with a short timeout, no pooling surprises.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("a reqwest client")
+}
