@@ -27,3 +27,8 @@ pub mod metrics;
 
 #[cfg(feature = "redis")]
 pub use tollgate_redis as redis;
+
+/// The README's Rust samples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
