@@ -66,14 +66,21 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
+        // Errors found after loading (building the Redis store in `Config::layer`, for a URL
+        // that may come from the command line) have no file: no empty `: ` prefix for them.
+        let mut prefix = "";
+        if !self.file.as_os_str().is_empty() {
+            write!(f, "{}", self.file.display())?;
+            if let Some(line) = self.line {
+                write!(f, ":{line}")?;
+            }
+            prefix = ": ";
         }
         if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
+            write!(f, "{prefix}{field}")?;
+            prefix = ": ";
         }
-        write!(f, ": {}", self.message)
+        write!(f, "{prefix}{}", self.message)
     }
 }
 
@@ -708,5 +715,18 @@ trusted_proxies: ["127.0.0.1/32"]
 
         let e = err("rate_limits: [\n");
         assert!(e.line.is_some(), "{e}");
+    }
+
+    #[test]
+    fn errors_without_a_file_have_no_empty_prefix() {
+        let e = ConfigError {
+            file: PathBuf::new(),
+            line: None,
+            field: Some("store.redis".to_owned()),
+            message: "invalid redis url `x`".to_owned(),
+        };
+        assert_eq!(e.to_string(), "store.redis: invalid redis url `x`");
+        let e = ConfigError { field: None, ..e };
+        assert_eq!(e.to_string(), "invalid redis url `x`");
     }
 }

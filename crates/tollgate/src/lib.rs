@@ -24,6 +24,7 @@ mod denied;
 pub mod headers;
 pub mod inbound;
 pub mod metrics;
+pub mod outbound;
 
 #[cfg(feature = "redis")]
 pub use tollgate_redis as redis;

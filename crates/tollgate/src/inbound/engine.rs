@@ -222,15 +222,16 @@ impl Shared {
             && let Some(denied) = cache.get(&plan.cache_key, Instant::now())
         {
             let decision = denied.at(Instant::now());
-            return Ok(self.deny(&plan, denied.binding, decision, true));
+            return Ok(self.deny(&plan, denied.binding, &[denied.binding], decision, true));
         }
         let started = Instant::now();
         match self.store.decide_now_dyn(&plan.limits()) {
             Some(result) => {
                 metrics::histogram!(m::STORE_LATENCY_SECONDS, "store" => self.store_kind)
                     .record(started.elapsed().as_secs_f64());
+                let from_store = result.is_ok();
                 let result = result.or_else(|e| self.on_failure(&plan, &e, Admission::Store));
-                Ok(self.finish(&plan, result))
+                Ok(self.finish(&plan, result, from_store))
             }
             None => Err(Box::new(plan)),
         }
@@ -240,6 +241,7 @@ impl Shared {
     /// policy.
     pub(crate) async fn decide(self: Arc<Self>, plan: Box<Plan>) -> Next {
         let admission = self.breaker.admit();
+        let mut from_store = false;
         let result = match admission {
             Admission::Fallback => self.unavailable(&plan),
             Admission::Store | Admission::Probe => {
@@ -254,13 +256,14 @@ impl Shared {
                     Ok(verdict) => {
                         self.breaker.on_success(admission);
                         self.circuit_gauge();
+                        from_store = true;
                         Ok(verdict)
                     }
                     Err(e) => self.on_failure(&plan, &e, admission),
                 }
             }
         };
-        self.finish(&plan, result)
+        self.finish(&plan, result, from_store)
     }
 
     fn circuit_gauge(&self) {
@@ -289,7 +292,8 @@ impl Shared {
         }
     }
 
-    fn finish(&self, plan: &Plan, result: Result<Verdict, Failure>) -> Next {
+    /// `from_store`: the verdict is the store's own, not the local fallback's.
+    fn finish(&self, plan: &Plan, result: Result<Verdict, Failure>, from_store: bool) -> Next {
         let verdict = match result {
             Ok(verdict) => verdict,
             Err(failure) => {
@@ -351,7 +355,13 @@ impl Shared {
             tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::SHADOW_LIMITED, "rate limit");
             return self.forward(plan, binding, decision, Duration::ZERO, true);
         }
-        if let Some(cache) = &self.denied {
+        if verdict.outcome() == Outcome::InsufficientCapacity {
+            return self.never(plan, &verdict);
+        }
+        // Only the store's denials are remembered: the cache is exact for the store that decided,
+        // and a denial of the local fallback must not outlive the outage (once the circuit
+        // closes, the store decides again).
+        if from_store && let Some(cache) = &self.denied {
             cache.insert(
                 &plan.cache_key,
                 Instant::now(),
@@ -364,7 +374,31 @@ impl Shared {
             retry_after: verdict.retry_after(),
             ..decision
         };
-        self.deny(plan, binding, decision, false)
+        let violated: Vec<usize> = (0..verdict.decisions().len())
+            .filter(|&i| !verdict.decisions()[i].is_allowed())
+            .collect();
+        self.deny(plan, binding, &violated, decision, false)
+    }
+
+    /// A request costing more than one of its limits can ever hold: waiting never helps, so it is
+    /// not a 429 (whose `Retry-After` promises a pass) but a 403 saying why.
+    fn never(&self, plan: &Plan, verdict: &Verdict) -> Next {
+        count(&plan.tier, outcome::LIMITED);
+        tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::LIMITED, "rate limit: cost above capacity");
+        let (i, d) = verdict
+            .decisions()
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.outcome == Outcome::InsufficientCapacity)
+            .unwrap_or((0, &verdict.decisions()[0]));
+        let detail = format!(
+            "This request costs {}, more than the policy \"{}\" can ever allow ({} at once).",
+            plan.costs[i], plan.names[i], d.limit
+        );
+        Next::Respond(problem_response(
+            StatusCode::FORBIDDEN,
+            headers::problem(403, "Request Too Costly", &detail),
+        ))
     }
 
     fn forward(
@@ -394,14 +428,22 @@ impl Shared {
         }
     }
 
-    fn deny(&self, plan: &Plan, binding: usize, decision: Decision, cached: bool) -> Next {
+    fn deny(
+        &self,
+        plan: &Plan,
+        binding: usize,
+        violated: &[usize],
+        decision: Decision,
+        cached: bool,
+    ) -> Next {
         count(&plan.tier, outcome::LIMITED);
         metrics::counter!(m::BREACHES_TOTAL, "tier" => Arc::clone(&plan.tier)).increment(1);
         tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::LIMITED, cached, "rate limit");
         let name = &plan.names[binding];
+        let names: Vec<&str> = violated.iter().map(|&i| &*plan.names[i]).collect();
         let mut response = problem_response(
             StatusCode::TOO_MANY_REQUESTS,
-            headers::problem_json(&[name], decision.retry_after),
+            headers::problem_json(&names, decision.retry_after),
         );
         headers::insert_headers(
             response.headers_mut(),

@@ -254,11 +254,13 @@ impl ApiKeys {
         if let Some(v) = request.headers().get("x-api-key") {
             return Some(v.as_bytes());
         }
+        // `Bearer` with an empty token (HTTP strips the trailing space of `Bearer `) is a
+        // credential presented, and not a known one: a 401, never anonymous.
         let auth = request.headers().get(header::AUTHORIZATION)?.as_bytes();
-        let scheme = auth.get(..7)?;
-        scheme
-            .eq_ignore_ascii_case(b"bearer ")
-            .then(|| auth[7..].trim_ascii())
+        let (scheme, token) = auth.split_at_checked(6)?;
+        (scheme.eq_ignore_ascii_case(b"bearer")
+            && token.first().is_none_or(|b| matches!(b, b' ' | b'\t')))
+        .then(|| token.trim_ascii())
     }
 }
 
@@ -344,7 +346,16 @@ mod tests {
                 Err(Rejection::Unauthorized { .. })
             ));
         }
-        // Basic auth is not an API key: anonymous.
+        // A bearer scheme without a token is an unknown key, not anonymous.
+        for empty in [&b"Bearer"[..], b"bearer \t"] {
+            assert!(matches!(
+                now(k.extract(&request(&[("authorization", empty)]))),
+                Err(Rejection::Unauthorized { .. })
+            ));
+        }
+        // Basic auth (or a scheme that only starts like `Bearer`) is not an API key: anonymous.
+        let other = now(k.extract(&request(&[("authorization", b"Bearerkey-alice")]))).unwrap();
+        assert_eq!(&*other.tier, "anonymous");
         let basic = now(k.extract(&request(&[("authorization", b"Basic Zm9v")]))).unwrap();
         assert_eq!(&*basic.tier, "anonymous");
     }

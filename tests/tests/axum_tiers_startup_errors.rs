@@ -1,0 +1,238 @@
+//! `axum-tiers` refuses to start on a bad configuration, a bad flag or a taken port: it exits
+//! non-zero within a few seconds with exactly one line on stderr, `axum-tiers: …`, naming the
+//! problem (the file and line for configuration errors), and never panics.
+
+use std::time::Duration;
+
+use tollgate_e2e::{Exited, Server, TempDir, run_to_exit};
+
+/// A valid configuration; the cases below break one line of it. Line numbers:
+/// 1 `rate_limits:`, 2 anonymous, 3 basic, 4 `routes:`, 5 the search route, 6 `api_keys:`,
+/// 7 key-alice.
+const GOOD: &str = "rate_limits:
+  anonymous: { requests_per_minute: 10,  burst_limit: 5 }
+  basic:     { requests_per_minute: 100, burst_limit: 20 }
+routes:
+  - { path: /api/search, limit: { requests_per_minute: 30, burst_limit: 10 } }
+api_keys:
+  key-alice: { user: alice, tier: basic }
+";
+
+/// The one stderr line of a failed start, after checking everything common to all cases.
+fn single_error_line(run: &Exited) -> &str {
+    assert!(
+        !run.status.success(),
+        "exited with {} (stdout: {:?}, stderr: {:?})",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.status.code().is_some(),
+        "killed by a signal: {}",
+        run.status
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(5),
+        "took {:?}",
+        run.elapsed
+    );
+    assert!(!run.stdout.contains("listening on"), "{}", run.stdout);
+    for out in [&run.stdout, &run.stderr] {
+        assert!(!out.contains("panicked"), "{out}");
+    }
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr must be one line: {:?}", run.stderr);
+    let line = lines[0];
+    assert!(line.starts_with("axum-tiers: "), "{line}");
+    assert!(line.len() > "axum-tiers: ".len() + 10, "{line}");
+    line
+}
+
+/// Starts the server on `GOOD` with `from` replaced by `to` and checks the error line names
+/// `limits.yaml:LINE` and contains every one of `words`.
+fn assert_config_error(from: &str, to: &str, line: usize, words: &[&str]) {
+    assert!(GOOD.contains(from), "{from}");
+    let dir = TempDir::new();
+    let path = dir.write("limits.yaml", &GOOD.replacen(from, to, 1));
+    let path = path.to_str().expect("UTF-8 temp path");
+    let run = run_to_exit(&["--config", path, "--addr", "127.0.0.1:0"]);
+    let error = single_error_line(&run);
+    assert!(
+        error.starts_with(&format!("axum-tiers: {path}:{line}: ")),
+        "expected {path}:{line}: {error}"
+    );
+    for word in words {
+        assert!(error.contains(word), "`{word}` missing from: {error}");
+    }
+}
+
+#[test]
+fn the_good_config_is_good() {
+    // Guard for the cases below: only the broken line makes them fail.
+    let server = Server::start(GOOD);
+    assert!(server.url("/").starts_with("http://127.0.0.1:"));
+    assert_eq!(server.stderr().matches("axum-tiers: ").count(), 0);
+}
+
+#[test]
+fn yaml_syntax_error() {
+    assert_config_error(
+        "burst_limit: 20 }",
+        "burst_limit: 20 ]",
+        3,
+        &["did not find expected"],
+    );
+}
+
+#[test]
+fn unknown_field() {
+    assert_config_error(
+        "burst_limit: 20 }",
+        "burst_limit: 20, bursty: 3 }",
+        3,
+        &["rate_limits.basic", "unknown field `bursty`"],
+    );
+}
+
+#[test]
+fn unknown_top_level_field() {
+    assert_config_error(
+        "tier: basic }\n",
+        "tier: basic }\nsurprise: 1\n",
+        8,
+        &["unknown field `surprise`"],
+    );
+}
+
+#[test]
+fn zero_rate() {
+    assert_config_error(
+        "requests_per_minute: 100,",
+        "requests_per_minute: 0,",
+        3,
+        &["rate_limits.basic.requests_per_minute", "0"],
+    );
+}
+
+#[test]
+fn negative_rate() {
+    assert_config_error(
+        "requests_per_minute: 100,",
+        "requests_per_minute: -100,",
+        3,
+        &["rate_limits.basic.requests_per_minute", "-100"],
+    );
+}
+
+#[test]
+fn zero_burst_limit() {
+    assert_config_error(
+        "burst_limit: 20 }",
+        "burst_limit: 0 }",
+        3,
+        &["rate_limits.basic.burst_limit", "0"],
+    );
+}
+
+#[test]
+fn zero_burst_limit_in_a_route() {
+    assert_config_error("burst_limit: 10 }", "burst_limit: 0 }", 5, &["burst_limit"]);
+}
+
+#[test]
+fn unknown_tier_in_api_keys() {
+    assert_config_error(
+        "tier: basic }",
+        "tier: platinum }",
+        7,
+        &["api_keys.key-alice.tier", "platinum"],
+    );
+}
+
+#[test]
+fn bad_duration() {
+    assert_config_error(
+        "requests_per_minute: 100, burst_limit: 20",
+        "limit: 10, window: 10 parsecs",
+        3,
+        &["rate_limits.basic.window", "10 parsecs"],
+    );
+}
+
+#[test]
+fn missing_file() {
+    let dir = TempDir::new();
+    let path = dir.path().join("no-such-limits.yaml");
+    let path = path.to_str().expect("UTF-8 temp path");
+    let run = run_to_exit(&["--config", path, "--addr", "127.0.0.1:0"]);
+    let error = single_error_line(&run);
+    assert!(
+        error.starts_with(&format!("axum-tiers: {path}: ")),
+        "{error}"
+    );
+    assert!(error.contains("No such file"), "{error}");
+}
+
+#[test]
+fn bad_flag() {
+    let run = run_to_exit(&["--port", "8080"]);
+    let error = single_error_line(&run);
+    assert!(error.contains("unknown flag `--port`"), "{error}");
+    assert!(error.contains("usage: axum-tiers"), "{error}");
+
+    let run = run_to_exit(&["--addr"]);
+    let error = single_error_line(&run);
+    assert!(error.contains("--addr needs a value"), "{error}");
+}
+
+#[test]
+fn bad_redis_url() {
+    let dir = TempDir::new();
+    let path = dir.write("limits.yaml", GOOD);
+    let path = path.to_str().expect("UTF-8");
+    let run = run_to_exit(&[
+        "--config",
+        path,
+        "--addr",
+        "127.0.0.1:0",
+        "--redis",
+        "notaurl",
+    ]);
+    let error = single_error_line(&run);
+    // Not the file's fault, and no empty file name in front (`axum-tiers: : store.redis`).
+    assert_eq!(
+        error,
+        "axum-tiers: store.redis: invalid redis url `notaurl`"
+    );
+}
+
+#[test]
+fn bad_address() {
+    let dir = TempDir::new();
+    let path = dir.write("limits.yaml", GOOD);
+    let run = run_to_exit(&[
+        "--config",
+        path.to_str().expect("UTF-8"),
+        "--addr",
+        "nowhere",
+    ]);
+    let error = single_error_line(&run);
+    assert!(error.contains("nowhere"), "{error}");
+}
+
+#[test]
+fn taken_port() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local_addr").to_string();
+    let dir = TempDir::new();
+    let path = dir.write("limits.yaml", GOOD);
+    let run = run_to_exit(&["--config", path.to_str().expect("UTF-8"), "--addr", &addr]);
+    let error = single_error_line(&run);
+    assert!(
+        error.starts_with(&format!("axum-tiers: cannot listen on {addr}: ")),
+        "{error}"
+    );
+    assert!(error.contains("in use"), "{error}");
+    drop(listener);
+}
