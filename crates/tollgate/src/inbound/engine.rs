@@ -116,7 +116,8 @@ pub(crate) struct Plan {
     costs: Vec<u32>,
     names: Vec<Arc<str>>,
     cache_key: String,
-    key_hash: u128,
+    /// The identity key, logged only as its fingerprint.
+    key: KeyHash,
 }
 
 impl Plan {
@@ -196,13 +197,13 @@ impl Shared {
             keys.push(format!("{{{}}}:r:{}", identity.key, route.name()));
             quotas.push(*quota);
             costs.push(cost);
-            names.push(route.name().into());
+            names.push(Arc::clone(route.shared_name()));
         }
         if let Some(global) = policy.global() {
             keys.push("global".to_owned());
             quotas.push(*global);
             costs.push(1);
-            names.push("global".into());
+            names.push(Arc::clone(policy.global_name()));
         }
         let plan = Plan {
             tier: Arc::clone(tier),
@@ -210,7 +211,7 @@ impl Shared {
                 Some(r) => format!("{}\u{0}{}", identity.key, r.name()),
                 None => identity.key.clone(),
             },
-            key_hash: fingerprint(identity.key.as_bytes()),
+            key: KeyHash(identity.key),
             policy,
             keys,
             quotas,
@@ -298,7 +299,7 @@ impl Shared {
             Ok(verdict) => verdict,
             Err(failure) => {
                 count(&plan.tier, outcome::STORE_ERROR);
-                tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::STORE_ERROR, "rate limit");
+                tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::STORE_ERROR, "rate limit");
                 return match failure {
                     Failure::Open => Next::Forward {
                         after: None,
@@ -347,12 +348,12 @@ impl Shared {
             count(&plan.tier, outcome::ALLOWED);
             metrics::counter!(m::TOKENS_CONSUMED_TOTAL, "tier" => Arc::clone(&plan.tier))
                 .increment(u64::from(plan.cost()));
-            tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::ALLOWED, "rate limit");
+            tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::ALLOWED, "rate limit");
             return self.forward(plan, binding, decision, verdict.delay(), false);
         }
         if plan.policy.is_shadow() {
             count(&plan.tier, outcome::SHADOW_LIMITED);
-            tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::SHADOW_LIMITED, "rate limit");
+            tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::SHADOW_LIMITED, "rate limit");
             return self.forward(plan, binding, decision, Duration::ZERO, true);
         }
         if verdict.outcome() == Outcome::InsufficientCapacity {
@@ -384,7 +385,7 @@ impl Shared {
     /// not a 429 (whose `Retry-After` promises a pass) but a 403 saying why.
     fn never(&self, plan: &Plan, verdict: &Verdict) -> Next {
         count(&plan.tier, outcome::LIMITED);
-        tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::LIMITED, "rate limit: cost above capacity");
+        tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::LIMITED, "rate limit: cost above capacity");
         let (i, d) = verdict
             .decisions()
             .iter()
@@ -438,7 +439,7 @@ impl Shared {
     ) -> Next {
         count(&plan.tier, outcome::LIMITED);
         metrics::counter!(m::BREACHES_TOTAL, "tier" => Arc::clone(&plan.tier)).increment(1);
-        tracing::debug!(tier = %plan.tier, key = %format_args!("{:032x}", plan.key_hash), outcome = outcome::LIMITED, cached, "rate limit");
+        tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::LIMITED, cached, "rate limit");
         let name = &plan.names[binding];
         let names: Vec<&str> = violated.iter().map(|&i| &*plan.names[i]).collect();
         let mut response = problem_response(
@@ -455,6 +456,16 @@ impl Shared {
             },
         );
         Next::Respond(response)
+    }
+}
+
+/// A caller's key in logs: shown as its 128-bit fingerprint, computed only when a log line is
+/// actually written (never the raw key, which may be an API key).
+struct KeyHash(String);
+
+impl std::fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", fingerprint(self.0.as_bytes()))
     }
 }
 

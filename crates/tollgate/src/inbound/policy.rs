@@ -102,6 +102,10 @@ impl Route {
         &self.name
     }
 
+    pub(crate) fn shared_name(&self) -> &Arc<str> {
+        &self.name
+    }
+
     /// The cost of a request to this route.
     pub fn request_cost(&self) -> u32 {
         self.cost
@@ -167,6 +171,7 @@ pub struct Policy {
     shadow: bool,
     exempt_paths: Vec<PathPattern>,
     exempt_keys: HashSet<String>,
+    global_name: Arc<str>,
 }
 
 /// Builds a [`Policy`].
@@ -251,6 +256,7 @@ impl PolicyBuilder {
             shadow: self.shadow,
             exempt_paths: self.exempt_paths,
             exempt_keys: self.exempt_keys,
+            global_name: "global".into(),
         })
     }
 }
@@ -274,6 +280,10 @@ impl Policy {
     /// The whole-service limit.
     pub fn global(&self) -> Option<&Quota> {
         self.global.as_ref()
+    }
+
+    pub(crate) fn global_name(&self) -> &Arc<str> {
+        &self.global_name
     }
 
     /// The header mode.
