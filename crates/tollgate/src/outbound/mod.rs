@@ -15,7 +15,7 @@
 //! *rate-limited is not failed* — reschedule the work without counting a failure.
 //!
 //! With a [`RedisStore`](tollgate_redis::RedisStore) every process draws from the same buckets;
-//! with the default [`MemoryStore`](tollgate_core::MemoryStore), one process.
+//! with the default [`MemoryStore`], one process.
 //!
 //! **Adaptive**: every response is read. A `429` (or a `503` with `Retry-After`) pauses all the
 //! request's buckets, fleet-wide through Redis, until the time the upstream gave (`Retry-After`
@@ -482,6 +482,15 @@ impl Shared {
                     };
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
+                        // The place's time has come: it is not given back from here on.
+                        guard.reservation = None;
+                        if self.paused(buckets).await {
+                            // An upstream paused a bucket while this call waited (here or in
+                            // another process): its place is before the pause end, so it must
+                            // not be used. Forget it (giving it back could undo part of the
+                            // pause) and take a place after the pause.
+                            continue;
+                        }
                     }
                     guard.reservation = None;
                     for b in buckets {
@@ -498,6 +507,23 @@ impl Shared {
         }
     }
 
+    /// Whether any of the buckets is paused now (its pause marker has no room), as a call that
+    /// held a place while it slept checks before it is sent.
+    async fn paused(&self, buckets: &[Bucket]) -> bool {
+        let markers: Vec<String> = buckets.iter().map(|b| pause_marker(&b.key)).collect();
+        let limits: Vec<Limit<'_>> = markers
+            .iter()
+            .zip(buckets)
+            .map(|(key, b)| Limit::new(key, &b.quota, 1))
+            .collect();
+        let verdict = match self.store.peek_boxed(&limits).await {
+            Ok(verdict) => verdict,
+            Err(_) => self.fallback.peek_now(&limits),
+        };
+        // A shaping (leaky) bucket admits with a delay what a token bucket refuses.
+        !verdict.is_allowed() || !verdict.delay().is_zero()
+    }
+
     /// Pauses every bucket for what the upstream said.
     async fn adapt(&self, buckets: &[Bucket], status: StatusCode, headers: &HeaderMap) -> bool {
         let Some(signal) = signal(status, headers, SystemTime::now()) else {
@@ -508,14 +534,26 @@ impl Shared {
                 metrics::counter!(m::UPSTREAM_LIMITED_TOTAL, "bucket" => Arc::clone(&b.label))
                     .increment(1);
             }
-            if let Err(error) = self.store.pause_boxed(&b.key, &b.quota, signal.pause).await {
-                tracing::warn!(%error, bucket = %b.label, "cannot pause the bucket in the store");
-                self.fallback.pause_now(&b.key, &b.quota, signal.pause);
+            // The bucket itself, so new calls take places after the pause, and its marker, so
+            // the calls already holding a place before the pause end see it and wait too.
+            for key in [b.key.clone(), pause_marker(&b.key)] {
+                if let Err(error) = self.store.pause_boxed(&key, &b.quota, signal.pause).await {
+                    tracing::warn!(%error, bucket = %b.label, "cannot pause the bucket in the store");
+                    self.fallback.pause_now(&key, &b.quota, signal.pause);
+                }
             }
         }
         tracing::debug!(pause = ?signal.pause, limited = signal.limited, "upstream asked to slow down");
         signal.limited
     }
+}
+
+/// The key marking a bucket's pause: only `Shared::adapt` writes it (a pause), so a peek of one
+/// unit is refused exactly until the pause ends (a token bucket paused until `t` lets its first
+/// unit through at `t`). The suffix keeps any `{hash tag}` of the key, so on Redis Cluster the
+/// marker lives in the bucket's slot.
+fn pause_marker(key: &str) -> String {
+    format!("{key}:paused")
 }
 
 impl<S, Sel, Req> Service<Req> for RateLimit<S, Sel>
@@ -547,12 +585,21 @@ where
             loop {
                 shared.acquire(&buckets).await?;
                 let _permit = match &shared.in_flight {
-                    Some(sem) => Some(
-                        Arc::clone(sem)
-                            .acquire_owned()
-                            .await
-                            .map_err(|e| -> BoxError { Box::new(e) })?,
-                    ),
+                    Some(sem) => match Arc::clone(sem).try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            let permit = Arc::clone(sem)
+                                .acquire_owned()
+                                .await
+                                .map_err(|e| -> BoxError { Box::new(e) })?;
+                            if shared.paused(&buckets).await {
+                                // The upstream asked for a pause while this call queued for a
+                                // slot: wait for a place after it instead of sending now.
+                                continue;
+                            }
+                            Some(permit)
+                        }
+                    },
                     None => None,
                 };
                 let again = if attempt < shared.retries {
