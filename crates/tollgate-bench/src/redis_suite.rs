@@ -1,0 +1,290 @@
+//! `redis`: decisions per second from one process on a `redis-server` the runner starts.
+//!
+//! * tollgate: `RedisStore::decide`, each call one `EVALSHA` of tollgate's script, from N tokio
+//!   tasks sharing the store's one multiplexed connection, on one runtime thread.
+//! * ceiling: `redis-benchmark` (one thread, `-c N -P 1`) sending the very same `EVALSHA` with the
+//!   same keys and arguments: what the server can do with this script, client cost aside.
+//! * naive: the multi-round-trip approach of the seed guide (004): per limit, `GET` the bucket,
+//!   compute the refill in the client, `SET` it back (no atomicity); same tasks, same connection
+//!   type. A 3-limit decision is 6 round trips.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::MultiplexedConnection;
+use tollgate_core::{Limit, Quota, Store};
+use tollgate_redis::RedisStore;
+use tollgate_testkit::{RedisServer, Reply};
+
+use crate::BoxError;
+use crate::load::{Load, drive, median_load};
+use crate::report::{Row, throughput_ratio};
+
+/// Concurrent tasks (and `redis-benchmark` connections).
+const TASKS: [usize; 3] = [1, 16, 128];
+/// The limits of a decision: tier, route and global, sharing one hash tag (one cluster slot).
+const KEYS: [&str; 3] = ["{bench}:tier", "{bench}:route", "{bench}:global"];
+
+/// The generous quota every limit gets: a million per second, a million at once.
+fn quota() -> Result<Quota, BoxError> {
+    Ok(Quota::per_second(1_000_000)?.with_burst(1_000_000)?)
+}
+
+/// tollgate's own store.
+async fn tollgate_load(
+    store: &RedisStore,
+    n: usize,
+    tasks: usize,
+    duration: Duration,
+) -> Result<Load, BoxError> {
+    let quota = quota()?;
+    drive(tasks, duration, || {
+        let store = store.clone();
+        move || {
+            let store = store.clone();
+            async move {
+                let limits: Vec<Limit<'_>> =
+                    KEYS[..n].iter().map(|k| Limit::new(k, &quota, 1)).collect();
+                Ok(store.decide(&limits).await?.is_allowed())
+            }
+        }
+    })
+    .await
+}
+
+/// Seed 004's token bucket: per limit a `GET`, the refill computed here, a `SET` back; the first
+/// limit that denies ends the check (earlier limits stay charged).
+async fn naive_decide(
+    mut conn: MultiplexedConnection,
+    keys: Arc<Vec<String>>,
+) -> Result<bool, BoxError> {
+    const RATE: f64 = 1_000_000.0;
+    const BURST: f64 = 1_000_000.0;
+    for key in keys.iter() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let state: Option<String> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+        let (tokens, last) = state
+            .as_deref()
+            .and_then(|s| s.split_once(':'))
+            .and_then(|(t, l)| Some((t.parse::<f64>().ok()?, l.parse::<f64>().ok()?)))
+            .unwrap_or((BURST, now));
+        let tokens = (tokens + (now - last).max(0.0) * RATE).min(BURST);
+        if tokens < 1.0 {
+            return Ok(false);
+        }
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(format!("{}:{now}", tokens - 1.0))
+            .arg("PX")
+            .arg(2000)
+            .query_async(&mut conn)
+            .await?;
+    }
+    Ok(true)
+}
+
+async fn naive_load(
+    conn: &MultiplexedConnection,
+    n: usize,
+    tasks: usize,
+    duration: Duration,
+) -> Result<Load, BoxError> {
+    let keys: Arc<Vec<String>> = Arc::new(KEYS[..n].iter().map(|k| format!("naive:{k}")).collect());
+    drive(tasks, duration, || {
+        let conn = conn.clone();
+        let keys = Arc::clone(&keys);
+        move || naive_decide(conn.clone(), Arc::clone(&keys))
+    })
+    .await
+}
+
+/// The `EVALSHA` arguments tollgate's store sends for a decision over the first `n` limits.
+fn evalsha_args(store: &RedisStore, sha: &str, n: usize) -> Result<Vec<String>, BoxError> {
+    let quota = quota()?;
+    let mut args = vec!["EVALSHA".to_owned(), sha.to_owned(), n.to_string()];
+    args.extend(KEYS[..n].iter().map(|k| store.redis_key(k)));
+    // mode, now ('' = the server's TIME), call id, 0, 0
+    args.extend(["decide", "", "bench.0", "0", "0"].map(str::to_owned));
+    for _ in 0..n {
+        // algorithm (0 = token bucket), limit, interval µs, max_delay µs, cost, a, b
+        args.extend([
+            "0".to_owned(),
+            quota.limit().to_string(),
+            quota.interval_micros().to_string(),
+            "0".to_owned(),
+            "1".to_owned(),
+            "0".to_owned(),
+            "0".to_owned(),
+        ]);
+    }
+    Ok(args)
+}
+
+/// Parses the `--csv` output of `redis-benchmark`: the result line's rps, p50 and p99 (ms).
+fn parse_csv(output: &str) -> Option<Load> {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("\"test\""))?;
+    let fields: Vec<f64> = line
+        .rsplit(',')
+        .take(7)
+        .map(|f| f.trim().trim_matches('"').parse::<f64>())
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // Reversed: max, p99, p95, p50, min, avg, rps.
+    let [_max, p99, _p95, p50, _min, _avg, rps] = fields.as_slice() else {
+        return None;
+    };
+    Some(Load {
+        per_sec: *rps,
+        p50: Duration::from_secs_f64(p50 / 1000.0),
+        p99: Duration::from_secs_f64(p99 / 1000.0),
+    })
+}
+
+/// Runs `redis-benchmark` with `clients` connections, no pipelining, `requests` requests.
+fn redis_benchmark(
+    port: u16,
+    clients: usize,
+    requests: u64,
+    command: &[String],
+) -> Result<Load, BoxError> {
+    let output = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-c", &clients.to_string(), "-P", "1"])
+        .args(["-n", &requests.to_string(), "--csv"])
+        .args(command)
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run redis-benchmark ({e}): install it with `apt-get install redis-tools`"
+            )
+        })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!(
+            "redis-benchmark failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    parse_csv(&stdout).ok_or_else(|| format!("unexpected redis-benchmark output: {stdout}").into())
+}
+
+/// Checks that the script answers the benchmark's `EVALSHA` with an allowed decision, so the
+/// ceiling measures real decisions and not error replies.
+fn check_evalsha(server: &RedisServer, command: &[String], n: usize) -> Result<(), BoxError> {
+    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    let reply = server.cmd(&args)?;
+    let values = reply
+        .as_array()
+        .ok_or_else(|| format!("EVALSHA answered {reply:?}"))?;
+    let allowed = values.len() == 3 + 8 * n
+        && values[0] == Reply::Int(0)
+        && (0..n).all(|i| values[3 + 8 * i] == Reply::Int(0));
+    if allowed {
+        Ok(())
+    } else {
+        Err(format!("EVALSHA did not allow: {values:?}").into())
+    }
+}
+
+/// Runs the redis suite.
+pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
+    let (rounds, duration) = if quick {
+        (1, Duration::from_millis(700))
+    } else {
+        (3, Duration::from_secs(1))
+    };
+    let server = RedisServer::start()?;
+    // One runtime thread, like redis-benchmark's one thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let sha = match server.cmd(&["SCRIPT", "LOAD", tollgate_redis::script_source()])? {
+        Reply::Bulk(Some(sha)) => String::from_utf8(sha)?,
+        other => return Err(format!("SCRIPT LOAD answered {other:?}").into()),
+    };
+    let url = server.url();
+    let (store, naive) = runtime.block_on(async {
+        let store = RedisStore::builder(url.as_str())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+        let naive = redis::Client::open(url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        Ok::<_, BoxError>((store, naive))
+    })?;
+    // Warm up: connections, the script cache, the server's allocator.
+    runtime.block_on(tollgate_load(&store, 3, 16, Duration::from_millis(200)))?;
+    let mut rows = Vec::new();
+    for n in [1, 3] {
+        let command = evalsha_args(&store, &sha, n)?;
+        check_evalsha(&server, &command, n)?;
+        for tasks in TASKS {
+            // Rounds interleave tollgate and its peers; each gets the median of its rounds.
+            let (mut ours, mut ceiling, mut naive_runs) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let run = runtime.block_on(tollgate_load(&store, n, tasks, duration))?;
+                // As many requests as tollgate did in the same time, so both run about as long.
+                let requests = ((run.per_sec * duration.as_secs_f64()) as u64).max(2_000);
+                ours.push(run);
+                ceiling.push(redis_benchmark(server.port(), tasks, requests, &command)?);
+                naive_runs.push(runtime.block_on(naive_load(&naive, n, tasks, duration))?);
+            }
+            let (ours, ceiling, naive_load) = (
+                median_load(&ours),
+                median_load(&ceiling),
+                median_load(&naive_runs),
+            );
+            let case = format!(
+                "redis: {n} limit{}, {tasks} task{} (decisions/s)",
+                if n == 1 { "" } else { "s" },
+                if tasks == 1 { "" } else { "s" },
+            );
+            eprintln!(
+                "  {case}: tollgate {}, redis-benchmark {}, naive {}",
+                ours.text(),
+                ceiling.text(),
+                naive_load.text()
+            );
+            rows.push(Row {
+                case: case.clone(),
+                tollgate: ours.text(),
+                peer: format!("redis-benchmark EVALSHA, same script (-c {tasks} -P 1)"),
+                peer_value: ceiling.text(),
+                ratio: throughput_ratio(ours.per_sec, ceiling.per_sec),
+            });
+            rows.push(Row {
+                case,
+                tollgate: ours.text(),
+                peer: format!("naive GET+SET per limit ({} round trips)", 2 * n),
+                peer_value: naive_load.text(),
+                ratio: throughput_ratio(ours.per_sec, naive_load.per_sec),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_redis_benchmark_csv() {
+        let out = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\",\"p50_latency_ms\",\"p95_latency_ms\",\"p99_latency_ms\",\"max_latency_ms\"\n\
+                   \"EVALSHA abc 1 k decide  bench.0 0 0\",\"38461.54\",\"0.071\",\"0.016\",\"0.063\",\"0.127\",\"0.271\",\"4.663\"\n";
+        let load = parse_csv(out).expect("parsed");
+        assert!((load.per_sec - 38461.54).abs() < 1e-6);
+        assert_eq!(load.p50, Duration::from_micros(63));
+        assert_eq!(load.p99, Duration::from_micros(271));
+        assert!(parse_csv("garbage").is_none());
+    }
+}
