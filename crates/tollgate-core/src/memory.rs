@@ -387,7 +387,7 @@ impl<C: Clock> MemoryStore<C> {
     pub fn decide_now(&self, limits: &[Limit<'_>]) -> Verdict {
         let now = self.now();
         if let [limit] = limits {
-            return Verdict::new(vec![self.decide_one(limit, now)]);
+            return Verdict::single(self.decide_one(limit, now));
         }
         let mut locked = self.lock_all(limits);
         let mut decisions = Vec::with_capacity(limits.len());

@@ -52,22 +52,54 @@ impl<'a> Limit<'a> {
 ///
 /// When any limit denies, nothing was consumed, and the decisions of the limits that would have
 /// passed describe their state as it is (what a peek reports), not as if the request had passed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Verdict {
-    decisions: Vec<Decision>,
+    decisions: Decisions,
+}
+
+/// Two verdicts are equal when their decisions are, however they are stored.
+impl PartialEq for Verdict {
+    fn eq(&self, other: &Verdict) -> bool {
+        self.slice() == other.slice()
+    }
+}
+
+impl Eq for Verdict {}
+
+/// One decision inline (the common single-limit request allocates nothing), more on the heap.
+#[derive(Debug, Clone)]
+enum Decisions {
+    One(Decision),
+    Many(Vec<Decision>),
 }
 
 impl Verdict {
     /// Wraps the decisions of a set of limits, in the order of the limits.
     pub fn new(decisions: Vec<Decision>) -> Verdict {
-        Verdict { decisions }
+        Verdict {
+            decisions: Decisions::Many(decisions),
+        }
+    }
+
+    /// The verdict of a single limit (no allocation).
+    pub fn single(decision: Decision) -> Verdict {
+        Verdict {
+            decisions: Decisions::One(decision),
+        }
+    }
+
+    fn slice(&self) -> &[Decision] {
+        match &self.decisions {
+            Decisions::One(d) => std::slice::from_ref(d),
+            Decisions::Many(v) => v,
+        }
     }
 
     /// [`Outcome::InsufficientCapacity`] if any limit can never hold the cost, else
     /// [`Outcome::Denied`] if any limit denies, else [`Outcome::Allowed`]. An empty set allows.
     pub fn outcome(&self) -> Outcome {
         let mut outcome = Outcome::Allowed;
-        for d in &self.decisions {
+        for d in self.slice() {
             match d.outcome {
                 Outcome::InsufficientCapacity => return Outcome::InsufficientCapacity,
                 Outcome::Denied => outcome = Outcome::Denied,
@@ -79,18 +111,18 @@ impl Verdict {
 
     /// Whether every limit passed (and so every one was charged).
     pub fn is_allowed(&self) -> bool {
-        self.decisions.iter().all(Decision::is_allowed)
+        self.slice().iter().all(Decision::is_allowed)
     }
 
     /// The decisions, in the order of the limits.
     pub fn decisions(&self) -> &[Decision] {
-        &self.decisions
+        self.slice()
     }
 
     /// The time until the same request would pass every limit: the longest `retry_after` (each
     /// limit only gets more permissive as time passes, so this is exact when nobody else spends).
     pub fn retry_after(&self) -> Duration {
-        self.decisions
+        self.slice()
             .iter()
             .map(|d| d.retry_after)
             .max()
@@ -99,7 +131,7 @@ impl Verdict {
 
     /// The longest shaping delay among the limits (leaky buckets).
     pub fn delay(&self) -> Duration {
-        self.decisions
+        self.slice()
             .iter()
             .map(|d| d.delay)
             .max()
@@ -110,13 +142,13 @@ impl Verdict {
     /// longest for; otherwise the one with the fewest requests remaining (the first on a tie).
     pub fn binding(&self) -> Option<(usize, &Decision)> {
         let denied = self
-            .decisions
+            .slice()
             .iter()
             .enumerate()
             .filter(|(_, d)| !d.is_allowed())
             .max_by_key(|(_, d)| d.retry_after);
         denied.or_else(|| {
-            self.decisions
+            self.slice()
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, d)| d.remaining)

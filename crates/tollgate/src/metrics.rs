@@ -40,3 +40,36 @@ pub mod outcome {
     /// The store failed and the failure policy decided.
     pub const STORE_ERROR: &str = "store_error";
 }
+
+/// The counters of one tier, registered once (on the tier's first request) instead of building
+/// a labelled key on every request.
+#[derive(Clone)]
+pub(crate) struct TierMetrics {
+    pub(crate) allowed: metrics::Counter,
+    pub(crate) limited: metrics::Counter,
+    pub(crate) shadow_limited: metrics::Counter,
+    pub(crate) store_error: metrics::Counter,
+    pub(crate) tokens: metrics::Counter,
+    pub(crate) breaches: metrics::Counter,
+}
+
+impl TierMetrics {
+    pub(crate) fn register(tier: &std::sync::Arc<str>) -> TierMetrics {
+        use std::sync::Arc;
+        let requests = |o: &'static str| metrics::counter!(REQUESTS_TOTAL, "tier" => Arc::clone(tier), "outcome" => o);
+        TierMetrics {
+            allowed: requests(outcome::ALLOWED),
+            limited: requests(outcome::LIMITED),
+            shadow_limited: requests(outcome::SHADOW_LIMITED),
+            store_error: requests(outcome::STORE_ERROR),
+            tokens: metrics::counter!(TOKENS_CONSUMED_TOTAL, "tier" => Arc::clone(tier)),
+            breaches: metrics::counter!(BREACHES_TOTAL, "tier" => Arc::clone(tier)),
+        }
+    }
+}
+
+impl std::fmt::Debug for TierMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TierMetrics").finish_non_exhaustive()
+    }
+}

@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) on_error: OnStoreError,
     pub(crate) timeout: Duration,
     pub(crate) denied: Option<DeniedCache>,
+    /// `rate_limiter_store_latency_seconds{store}`, registered on first use.
+    pub(crate) latency: std::sync::OnceLock<metrics::Histogram>,
 }
 
 /// The headers to add to the response of a forwarded request.
@@ -157,9 +159,25 @@ pub(crate) fn unauthorized(detail: &str) -> Response<Bytes> {
     response
 }
 
-fn count(tier: &Arc<str>, outcome: &'static str) {
-    metrics::counter!(m::REQUESTS_TOTAL, "tier" => Arc::clone(tier), "outcome" => outcome)
-        .increment(1);
+fn count(plan: &Plan, outcome: &'static str) {
+    let Some(tm) = plan.policy.tier_metrics(&plan.tier) else {
+        return;
+    };
+    match outcome {
+        outcome::ALLOWED => {
+            tm.allowed.increment(1);
+            tm.tokens.increment(u64::from(plan.cost()));
+        }
+        outcome::LIMITED => tm.limited.increment(1),
+        outcome::SHADOW_LIMITED => tm.shadow_limited.increment(1),
+        _ => tm.store_error.increment(1),
+    }
+}
+
+fn breach(plan: &Plan) {
+    if let Some(tm) = plan.policy.tier_metrics(&plan.tier) {
+        tm.breaches.increment(1);
+    }
 }
 
 impl Shared {
@@ -228,8 +246,7 @@ impl Shared {
         let started = Instant::now();
         match self.store.decide_now_dyn(&plan.limits()) {
             Some(result) => {
-                metrics::histogram!(m::STORE_LATENCY_SECONDS, "store" => self.store_kind)
-                    .record(started.elapsed().as_secs_f64());
+                self.latency().record(started.elapsed().as_secs_f64());
                 let from_store = result.is_ok();
                 let result = result.or_else(|e| self.on_failure(&plan, &e, Admission::Store));
                 Ok(self.finish(&plan, result, from_store))
@@ -251,8 +268,7 @@ impl Shared {
                 let outcome = tokio::time::timeout(self.timeout, self.store.decide_boxed(&limits))
                     .await
                     .unwrap_or_else(|_| Err(StoreError::timeout()));
-                metrics::histogram!(m::STORE_LATENCY_SECONDS, "store" => self.store_kind)
-                    .record(started.elapsed().as_secs_f64());
+                self.latency().record(started.elapsed().as_secs_f64());
                 match outcome {
                     Ok(verdict) => {
                         self.breaker.on_success(admission);
@@ -265,6 +281,12 @@ impl Shared {
             }
         };
         self.finish(&plan, result, from_store)
+    }
+
+    fn latency(&self) -> &metrics::Histogram {
+        self.latency.get_or_init(
+            || metrics::histogram!(m::STORE_LATENCY_SECONDS, "store" => self.store_kind),
+        )
     }
 
     fn circuit_gauge(&self) {
@@ -298,7 +320,7 @@ impl Shared {
         let verdict = match result {
             Ok(verdict) => verdict,
             Err(failure) => {
-                count(&plan.tier, outcome::STORE_ERROR);
+                count(plan, outcome::STORE_ERROR);
                 tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::STORE_ERROR, "rate limit");
                 return match failure {
                     Failure::Open => Next::Forward {
@@ -345,14 +367,12 @@ impl Shared {
         };
         let decision = *decision;
         if verdict.is_allowed() {
-            count(&plan.tier, outcome::ALLOWED);
-            metrics::counter!(m::TOKENS_CONSUMED_TOTAL, "tier" => Arc::clone(&plan.tier))
-                .increment(u64::from(plan.cost()));
+            count(plan, outcome::ALLOWED);
             tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::ALLOWED, "rate limit");
             return self.forward(plan, binding, decision, verdict.delay(), false);
         }
         if plan.policy.is_shadow() {
-            count(&plan.tier, outcome::SHADOW_LIMITED);
+            count(plan, outcome::SHADOW_LIMITED);
             tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::SHADOW_LIMITED, "rate limit");
             return self.forward(plan, binding, decision, Duration::ZERO, true);
         }
@@ -384,7 +404,7 @@ impl Shared {
     /// A request costing more than one of its limits can ever hold: waiting never helps, so it is
     /// not a 429 (whose `Retry-After` promises a pass) but a 403 saying why.
     fn never(&self, plan: &Plan, verdict: &Verdict) -> Next {
-        count(&plan.tier, outcome::LIMITED);
+        count(plan, outcome::LIMITED);
         tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::LIMITED, "rate limit: cost above capacity");
         let (i, d) = verdict
             .decisions()
@@ -437,8 +457,8 @@ impl Shared {
         decision: Decision,
         cached: bool,
     ) -> Next {
-        count(&plan.tier, outcome::LIMITED);
-        metrics::counter!(m::BREACHES_TOTAL, "tier" => Arc::clone(&plan.tier)).increment(1);
+        count(plan, outcome::LIMITED);
+        breach(plan);
         tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::LIMITED, cached, "rate limit");
         let name = &plan.names[binding];
         let names: Vec<&str> = violated.iter().map(|&i| &*plan.names[i]).collect();

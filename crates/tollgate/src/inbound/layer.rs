@@ -149,6 +149,7 @@ impl<K> RateLimitLayerBuilder<K> {
                 on_error: self.on_error,
                 timeout: self.timeout,
                 denied: self.denied_cache.map(DeniedCache::new),
+                latency: std::sync::OnceLock::new(),
             }),
             policy: PolicyHandle::new(self.policy),
             extractor: self.extractor,

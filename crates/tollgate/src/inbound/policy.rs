@@ -3,12 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use http::Method;
 use tollgate_core::Quota;
 
 use crate::headers::HeaderMode;
+use crate::metrics::TierMetrics;
 
 /// A path pattern: `/api/reports` matches that path exactly; `/api/*` matches `/api` and
 /// everything below it.
@@ -164,7 +165,7 @@ pub enum PolicyError {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Policy {
-    tiers: HashMap<Arc<str>, Quota>,
+    tiers: HashMap<Arc<str>, Tier>,
     routes: Vec<Route>,
     global: Option<Quota>,
     headers: HeaderMode,
@@ -172,6 +173,14 @@ pub struct Policy {
     exempt_paths: Vec<PathPattern>,
     exempt_keys: HashSet<String>,
     global_name: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
+struct Tier {
+    quota: Quota,
+    /// Registered on the tier's first request (a recorder installed after the policy was built
+    /// still gets them).
+    metrics: OnceLock<TierMetrics>,
 }
 
 /// Builds a [`Policy`].
@@ -233,7 +242,11 @@ impl PolicyBuilder {
     pub fn build(self) -> Result<Policy, PolicyError> {
         let mut tiers = HashMap::with_capacity(self.tiers.len());
         for (name, quota) in self.tiers {
-            if tiers.insert(Arc::clone(&name), quota).is_some() {
+            let tier = Tier {
+                quota,
+                metrics: OnceLock::new(),
+            };
+            if tiers.insert(Arc::clone(&name), tier).is_some() {
                 return Err(PolicyError::DuplicateTier(name.to_string()));
             }
         }
@@ -269,7 +282,13 @@ impl Policy {
 
     /// The quota of a tier, with its shared name.
     pub fn tier(&self, name: &str) -> Option<(&Arc<str>, &Quota)> {
-        self.tiers.get_key_value(name)
+        self.tiers.get_key_value(name).map(|(k, t)| (k, &t.quota))
+    }
+
+    /// The metric handles of a tier (registered on first use).
+    pub(crate) fn tier_metrics(&self, name: &Arc<str>) -> Option<&TierMetrics> {
+        let tier = self.tiers.get(name)?;
+        Some(tier.metrics.get_or_init(|| TierMetrics::register(name)))
     }
 
     /// The first route rule matching a request.
