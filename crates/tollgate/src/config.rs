@@ -358,8 +358,17 @@ fn yaml_error(file: &Path, e: &serde_yaml_ng::Error) -> ConfigError {
         }
         _ => (None, message.clone()),
     };
-    let rest = match rest.rfind(" at line ") {
-        Some(i) => rest[..i].to_owned(),
+    // The position is reported as the line of the error; drop the parser's own copy of it
+    // ("... at line 3 column 34, while parsing a flow mapping" -> "..., while parsing a flow
+    // mapping").
+    let rest = match rest.find(" at line ") {
+        Some(i) => {
+            let tail = &rest[i + " at line ".len()..];
+            let skip = tail
+                .find(|c: char| !(c.is_ascii_digit() || c == ' ' || c.is_ascii_alphabetic()))
+                .unwrap_or(tail.len());
+            format!("{}{}", &rest[..i], &tail[skip..])
+        }
         None => rest,
     };
     ConfigError {
