@@ -1,17 +1,18 @@
 //! [`MemoryStore`]: keyed limit state in this process, sharded, bounded.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::{Future, ready};
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use hashbrown::HashTable;
-use hashbrown::hash_table::Entry as TableEntry;
 
-use crate::algorithm::{self, Earliest, State};
+use crate::algorithm::{self, BucketState, Earliest, State, leaky_bucket, token_bucket};
 use crate::store::{Held, Limit, Reservation, Reserve, Store, StoreError, Verdict};
-use crate::{Clock, Decision, Quota, SystemClock, Timestamp};
+use crate::{Algorithm, Clock, Decision, Quota, SystemClock, Timestamp};
 
 /// The default maximum number of keys a [`MemoryStore`] holds.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -25,9 +26,13 @@ const MIN_SWEEP: usize = 64;
 /// Limit state in this process's memory: the default store, nothing to install.
 ///
 /// * **Keyed and concurrent.** Keys are spread over shards (by default four per core, at least
-///   16), each a `Mutex` around a hash table; a decision locks one shard for a few hundred
-///   nanoseconds. A decision over several limits locks their shards in index order, so it is atomic
-///   (all or nothing) without deadlock. Clones share the same state.
+///   16), each a read-write lock around a hash table. A single-limit token- or leaky-bucket decision
+///   on a key the shard already holds takes the read lock and updates the bucket's one number (its
+///   theoretical arrival time) with a compare-and-swap, so threads on the same shard, or the same
+///   key, do not wait for each other; a denial writes nothing. Everything else (a new key, the
+///   window algorithms, several limits at once, reservations, pauses) takes the write lock for a
+///   few hundred nanoseconds. A decision over several limits locks their shards in index order, so
+///   it is atomic (all or nothing) without deadlock. Clones share the same state.
 /// * **Forgets what carries no information.** A key whose state is back to fresh (a full bucket, a
 ///   window that has passed) is dropped: lazily, by an amortised sweep of its shard as keys are
 ///   added, or at once with [`purge`](Self::purge).
@@ -37,9 +42,10 @@ const MIN_SWEEP: usize = 64;
 ///   the sampled key that is closest to fresh (earliest expiry among 16). That key starts fresh if
 ///   it comes back: it can get up to one extra quota, never less than its quota. Size the cap above
 ///   the number of keys active within one refill period and this never happens.
-/// * **Footprint.** About 90 bytes per token-bucket key with a 15-byte key on 64-bit Linux, up to
-///   about 160 right after a table has grown (measured by the `footprint` test with a counting
-///   allocator: table slot, entry and the key's own allocation). Longer keys add their length; a
+/// * **Footprint.** About 55 bytes per token-bucket key with a 15-byte key on 64-bit Linux, up to
+///   about 95 right after a table has grown (measured by the `footprint` test with a counting
+///   allocator: table slot and entry). Keys of up to 22 bytes are kept inside the entry; longer keys
+///   add their length. A window-algorithm key adds 32 bytes for its state, and a
 ///   sliding-window-log key also holds 16 bytes per admitted request still in its window.
 ///
 /// ```
@@ -89,13 +95,98 @@ struct Inner<C> {
 /// One shard, alone on its cache lines so two cores never false-share.
 #[repr(align(128))]
 struct Shard {
-    table: Mutex<Table>,
+    table: RwLock<Table>,
+}
+
+/// The longest key kept inside its entry; longer keys are allocated.
+const INLINE_KEY: usize = 22;
+
+/// A key, inside the entry when short (no allocation to make or free, no pointer to follow when
+/// comparing), else on the heap. 24 bytes either way.
+enum Key {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Box<str>),
+}
+
+impl Key {
+    fn new(key: &str) -> Key {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut bytes = [0; INLINE_KEY];
+                bytes[..key.len()].copy_from_slice(key.as_bytes());
+                Key::Inline { len, bytes }
+            }
+            _ => Key::Heap(key.into()),
+        }
+    }
+
+    /// The key's bytes, which is what the store hashes.
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Heap(heap) => heap.as_bytes(),
+        }
+    }
+
+    fn is(&self, key: &str) -> bool {
+        self.bytes() == key.as_bytes()
+    }
 }
 
 struct Entry {
-    key: Box<str>,
-    state: State,
-    expires: Timestamp,
+    key: Key,
+    /// When the key's state is back to fresh (µs). For a bucket this is its theoretical arrival
+    /// time, which is its whole state: a single-limit decision updates it in place with a
+    /// compare-and-swap under the shard's read lock. Everything else changes it under the write
+    /// lock, which excludes those readers.
+    expires: AtomicU64,
+    /// The state of a window algorithm, boxed so that the common bucket entry stays small; `None`
+    /// for a bucket, whose state is `expires`.
+    window: Option<Box<State>>,
+}
+
+impl Entry {
+    fn new(key: &str, state: State, expires: Timestamp) -> Entry {
+        let mut entry = Entry {
+            key: Key::new(key),
+            expires: AtomicU64::new(0),
+            window: None,
+        };
+        entry.set(state, expires);
+        entry
+    }
+
+    fn expires(&self) -> Timestamp {
+        Timestamp::from_micros(self.expires.load(Ordering::Relaxed))
+    }
+
+    /// The key's state (a bucket's is rebuilt from its arrival time).
+    fn state(&self) -> Cow<'_, State> {
+        match &self.window {
+            None => Cow::Owned(State::Bucket(BucketState {
+                tat: self.expires(),
+            })),
+            Some(state) => Cow::Borrowed(state),
+        }
+    }
+
+    /// Replaces the state; `expires` is `state.expires_at(quota)`, which for a bucket is its
+    /// arrival time.
+    fn set(&mut self, state: State, expires: Timestamp) {
+        match state {
+            State::Bucket(bucket) => {
+                *self.expires.get_mut() = bucket.tat.as_micros();
+                self.window = None;
+            }
+            window => {
+                *self.expires.get_mut() = expires.as_micros();
+                match &mut self.window {
+                    Some(boxed) => **boxed = window,
+                    None => self.window = Some(Box::new(window)),
+                }
+            }
+        }
+    }
 }
 
 /// Where and when a [`Table::put`] happens.
@@ -177,7 +268,7 @@ impl<C: Clock> MemoryStoreBuilder<C> {
             inner: Arc::new(Inner {
                 shards: (0..shards)
                     .map(|_| Shard {
-                        table: Mutex::new(Table {
+                        table: RwLock::new(Table {
                             entries: HashTable::new(),
                             sweep_at: MIN_SWEEP.min(shard_capacity),
                             added_since_sweep: 0,
@@ -211,23 +302,25 @@ impl Default for MemoryStore<SystemClock> {
     }
 }
 
-fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
-    // A panic while holding the lock cannot leave a table half-written (every update is one
-    // assignment), so a poisoned lock is safe to keep using.
-    shard.table.lock().unwrap_or_else(PoisonError::into_inner)
+/// Write-locks a shard. A panic while holding a lock cannot leave a table half-written (every
+/// update is one assignment), so a poisoned lock is safe to keep using.
+fn lock(shard: &Shard) -> RwLockWriteGuard<'_, Table> {
+    shard.table.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Read-locks a shard (see [`lock`] on poisoning).
+fn read(shard: &Shard) -> RwLockReadGuard<'_, Table> {
+    shard.table.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Table {
-    fn get(&self, hash: u64, key: &str) -> Option<&State> {
-        self.entries
-            .find(hash, |e| &*e.key == key)
-            .map(|e| &e.state)
+    fn get(&self, hash: u64, key: &str) -> Option<Cow<'_, State>> {
+        self.entries.find(hash, |e| e.key.is(key)).map(Entry::state)
     }
 
-    fn take(&mut self, hash: u64, key: &str) -> Option<State> {
-        match self.entries.find_entry(hash, |e| &*e.key == key) {
-            Ok(occupied) => Some(occupied.remove().0.state),
-            Err(_) => None,
+    fn take(&mut self, hash: u64, key: &str) {
+        if let Ok(occupied) = self.entries.find_entry(hash, |e| e.key.is(key)) {
+            occupied.remove();
         }
     }
 
@@ -245,22 +338,22 @@ impl Table {
             capacity,
             hasher,
         } = at;
-        let rehash = |e: &Entry| hasher.hash_one(&*e.key);
-        match self.entries.entry(hash, |e| &*e.key == key, rehash) {
-            TableEntry::Occupied(mut occupied) => {
+        let rehash = |e: &Entry| hasher.hash_one(e.key.bytes());
+        // `find_entry`, not `entry`: the latter reserves room before we know whether to sweep or
+        // evict, and would grow a full table.
+        match self.entries.find_entry(hash, |e| e.key.is(key)) {
+            Ok(mut occupied) => {
                 if expires <= now {
                     occupied.remove();
                 } else {
-                    let entry = occupied.get_mut();
-                    entry.state = state;
-                    entry.expires = expires;
+                    occupied.get_mut().set(state, expires);
                 }
             }
-            TableEntry::Vacant(_) if expires <= now => {}
-            TableEntry::Vacant(_) => {
+            Err(_) if expires <= now => {}
+            Err(_) => {
                 let len = self.entries.len();
                 if len >= self.sweep_at && self.added_since_sweep >= len / 2 {
-                    self.entries.retain(|e| e.expires > now);
+                    self.entries.retain(|e| e.expires() > now);
                     self.sweep_at =
                         (self.entries.len() * 2).clamp(MIN_SWEEP.min(capacity), capacity);
                     self.added_since_sweep = 0;
@@ -268,16 +361,21 @@ impl Table {
                 if self.entries.len() >= capacity {
                     self.evict_one(hasher);
                 }
+                let len = self.entries.len();
+                if len == self.entries.capacity() && len >= capacity / 2 {
+                    // No room left, often because removals left tombstones: rebuild at the size the
+                    // cap needs rather than let the table double past it.
+                    let old = std::mem::replace(
+                        &mut self.entries,
+                        HashTable::with_capacity(capacity.max(len + 1)),
+                    );
+                    for entry in old {
+                        self.entries.insert_unique(rehash(&entry), entry, rehash);
+                    }
+                }
                 self.added_since_sweep += 1;
-                self.entries.insert_unique(
-                    hash,
-                    Entry {
-                        key: key.into(),
-                        state,
-                        expires,
-                    },
-                    rehash,
-                );
+                self.entries
+                    .insert_unique(hash, Entry::new(key, state, expires), rehash);
             }
         }
     }
@@ -288,10 +386,12 @@ impl Table {
             .entries
             .iter()
             .take(EVICTION_SAMPLE)
-            .min_by_key(|e| e.expires)
-            .map(|e| (hasher.hash_one(&*e.key), e.key.clone()));
-        if let Some((hash, key)) = victim {
-            self.take(hash, &key);
+            .min_by_key(|e| e.expires())
+            .map(|e| (hasher.hash_one(e.key.bytes()), e.key.bytes().to_vec()));
+        if let Some((hash, key)) = victim
+            && let Ok(occupied) = self.entries.find_entry(hash, |e| e.key.bytes() == key)
+        {
+            occupied.remove();
         }
     }
 }
@@ -299,7 +399,7 @@ impl Table {
 /// The shards a set of limits touches, locked in index order.
 struct Locked<'a> {
     /// (shard index, guard), sorted by index.
-    guards: Vec<(usize, MutexGuard<'a, Table>)>,
+    guards: Vec<(usize, RwLockWriteGuard<'a, Table>)>,
     /// Per limit: (hash, position in `guards`).
     slots: Vec<(u64, usize)>,
 }
@@ -327,7 +427,7 @@ impl<C: Clock> MemoryStore<C> {
         self.inner
             .shards
             .iter()
-            .map(|s| lock(s).entries.len())
+            .map(|s| read(s).entries.len())
             .sum()
     }
 
@@ -341,7 +441,7 @@ impl<C: Clock> MemoryStore<C> {
         let now = self.now();
         for shard in &*self.inner.shards {
             let mut table = lock(shard);
-            table.entries.retain(|e| e.expires > now);
+            table.entries.retain(|e| e.expires() > now);
             table.added_since_sweep = 0;
         }
     }
@@ -355,7 +455,7 @@ impl<C: Clock> MemoryStore<C> {
     }
 
     fn hash(&self, key: &str) -> (u64, usize) {
-        let hash = self.inner.hasher.hash_one(key);
+        let hash = self.inner.hasher.hash_one(key.as_bytes());
         // hashbrown uses the low bits for the bucket and the top 7 for its tag; take the shard from
         // bits in between so the tables stay evenly spread.
         let shard = (hash >> 32) as usize & (self.inner.shards.len() - 1);
@@ -372,7 +472,7 @@ impl<C: Clock> MemoryStore<C> {
             })
             .collect();
         order.sort_unstable_by_key(|&(shard, _, _)| shard);
-        let mut guards: Vec<(usize, MutexGuard<'_, Table>)> = Vec::with_capacity(order.len());
+        let mut guards: Vec<(usize, RwLockWriteGuard<'_, Table>)> = Vec::with_capacity(order.len());
         let mut slots = vec![(0, 0); limits.len()];
         for (shard, hash, i) in order {
             if guards.last().is_none_or(|(s, _)| *s != shard) {
@@ -394,7 +494,7 @@ impl<C: Clock> MemoryStore<C> {
         let mut undo: Vec<Option<State>> = Vec::with_capacity(limits.len());
         for (i, limit) in limits.iter().enumerate() {
             let (table, hash) = locked.table(i);
-            let old = table.get(hash, limit.key).cloned();
+            let old = table.get(hash, limit.key).map(Cow::into_owned);
             let (decision, new) = algorithm::decide(old.as_ref(), now, limit.quota, limit.cost);
             if decision.is_allowed() && limit.cost > 0 {
                 let expires = new.expires_at(limit.quota);
@@ -425,29 +525,40 @@ impl<C: Clock> MemoryStore<C> {
             if decisions[i].is_allowed() {
                 let (table, hash) = locked.table(i);
                 let state = table.get(hash, limit.key);
-                decisions[i] = algorithm::decide(state, now, limit.quota, 0).0;
+                decisions[i] = algorithm::decide(state.as_deref(), now, limit.quota, 0).0;
             }
         }
         Verdict::new(decisions)
     }
 
-    /// The single-limit path: one shard, the state taken out and put back without a copy.
+    /// The single-limit path: one shard. A bucket that exists is decided under the shard's read
+    /// lock with a compare-and-swap on its arrival time (a denial writes nothing); anything else
+    /// takes the write lock.
     fn decide_one(&self, limit: &Limit<'_>, now: Timestamp) -> Decision {
         let (hash, shard) = self.hash(limit.key);
-        let mut table = lock(&self.inner.shards[shard]);
-        if limit.cost == 0 {
-            return algorithm::decide(table.get(hash, limit.key), now, limit.quota, 0).0;
+        let shard = &self.inner.shards[shard];
+        if limit.quota.algorithm().is_bucket() {
+            let table = read(shard);
+            if let Some(entry) = table.entries.find(hash, |e| e.key.is(limit.key))
+                && entry.window.is_none()
+            {
+                return decide_bucket(&entry.expires, now, limit.quota, limit.cost);
+            }
         }
-        if let Some(entry) = table.entries.find_mut(hash, |e| &*e.key == limit.key) {
-            let (decision, new) = algorithm::decide_owned(
-                Some(std::mem::replace(&mut entry.state, State::EMPTY)),
-                now,
-                limit.quota,
-                limit.cost,
-            );
+        let mut table = lock(shard);
+        if limit.cost == 0 {
+            let state = table.get(hash, limit.key);
+            return algorithm::decide(state.as_deref(), now, limit.quota, 0).0;
+        }
+        if let Some(entry) = table.entries.find_mut(hash, |e| e.key.is(limit.key)) {
+            let old = match &mut entry.window {
+                Some(window) => std::mem::replace(&mut **window, State::EMPTY),
+                None => entry.state().into_owned(),
+            };
+            let (decision, new) = algorithm::decide_owned(Some(old), now, limit.quota, limit.cost);
             // Denied states are equivalent to the old one, so writing back is always right.
-            entry.expires = new.expires_at(limit.quota);
-            entry.state = new;
+            let expires = new.expires_at(limit.quota);
+            entry.set(new, expires);
             return decision;
         }
         let (decision, new) = algorithm::decide(None, now, limit.quota, limit.cost);
@@ -467,7 +578,8 @@ impl<C: Clock> MemoryStore<C> {
             .enumerate()
             .map(|(i, limit)| {
                 let (table, hash) = locked.table(i);
-                algorithm::decide(table.get(hash, limit.key), now, limit.quota, limit.cost).0
+                let state = table.get(hash, limit.key);
+                algorithm::decide(state.as_deref(), now, limit.quota, limit.cost).0
             })
             .collect();
         Verdict::new(decisions)
@@ -480,7 +592,8 @@ impl<C: Clock> MemoryStore<C> {
         let mut at = now;
         for (i, limit) in limits.iter().enumerate() {
             let (table, hash) = locked.table(i);
-            match algorithm::earliest(table.get(hash, limit.key), now, limit.quota, limit.cost) {
+            let state = table.get(hash, limit.key);
+            match algorithm::earliest(state.as_deref(), now, limit.quota, limit.cost) {
                 Earliest::At(t) => at = at.max(t),
                 Earliest::Never => return Reserve::Never,
             }
@@ -495,7 +608,8 @@ impl<C: Clock> MemoryStore<C> {
         let mut held = Vec::new();
         for (i, limit) in limits.iter().enumerate() {
             let (table, hash) = locked.table(i);
-            let state = table.get(hash, limit.key);
+            let state = table.get(hash, limit.key).map(Cow::into_owned);
+            let state = state.as_ref();
             let new = if limit.quota.algorithm().is_bucket() {
                 let before = state.map_or(Timestamp::ZERO, |s| s.expires_at(limit.quota));
                 let new = algorithm::reserve_at(state, at, limit.quota, limit.cost);
@@ -522,8 +636,8 @@ impl<C: Clock> MemoryStore<C> {
         for held in reservation.held() {
             let (hash, shard) = self.hash(&held.key);
             let mut table = lock(&self.inner.shards[shard]);
-            let state = table.get(hash, &held.key);
-            if let Some(restored) = algorithm::cancel(state, held.before, held.after) {
+            let state = table.get(hash, &held.key).map(Cow::into_owned);
+            if let Some(restored) = algorithm::cancel(state.as_ref(), held.before, held.after) {
                 table.put(hash, &held.key, restored, held.before, self.put_at(now));
             }
         }
@@ -536,13 +650,37 @@ impl<C: Clock> MemoryStore<C> {
         let now = self.now();
         let (hash, shard) = self.hash(key);
         let mut table = lock(&self.inner.shards[shard]);
-        match algorithm::pause(table.get(hash, key), quota, now + duration) {
+        let state = table.get(hash, key).map(Cow::into_owned);
+        match algorithm::pause(state.as_ref(), quota, now + duration) {
             Some(paused) => {
                 let expires = paused.expires_at(quota);
                 table.put(hash, key, paused, expires, self.put_at(now));
                 true
             }
             None => false,
+        }
+    }
+}
+
+/// Decides a bucket that exists, in place: a compare-and-swap loop on its arrival time. A denial,
+/// or a cost of 0, changes nothing and writes nothing.
+fn decide_bucket(tat: &AtomicU64, now: Timestamp, quota: &Quota, cost: u32) -> Decision {
+    let mut current = tat.load(Ordering::Relaxed);
+    loop {
+        let state = BucketState {
+            tat: Timestamp::from_micros(current),
+        };
+        let (decision, new) = match quota.algorithm() {
+            Algorithm::LeakyBucket => leaky_bucket::decide(state, now, quota, cost),
+            _ => token_bucket::decide(state, now, quota, cost),
+        };
+        let new = new.tat.as_micros();
+        if new == current {
+            return decision;
+        }
+        match tat.compare_exchange_weak(current, new, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return decision,
+            Err(actual) => current = actual,
         }
     }
 }
@@ -595,3 +733,6 @@ impl<C: Clock> Store for MemoryStore<C> {
         Some(Ok(MemoryStore::decide_now(self, limits)))
     }
 }
+
+#[cfg(test)]
+mod tests;

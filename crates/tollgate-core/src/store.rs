@@ -82,12 +82,14 @@ impl Verdict {
     }
 
     /// The verdict of a single limit (no allocation).
+    #[inline]
     pub fn single(decision: Decision) -> Verdict {
         Verdict {
             decisions: Decisions::One(decision),
         }
     }
 
+    #[inline]
     fn slice(&self) -> &[Decision] {
         match &self.decisions {
             Decisions::One(d) => std::slice::from_ref(d),
@@ -110,11 +112,13 @@ impl Verdict {
     }
 
     /// Whether every limit passed (and so every one was charged).
+    #[inline]
     pub fn is_allowed(&self) -> bool {
         self.slice().iter().all(Decision::is_allowed)
     }
 
     /// The decisions, in the order of the limits.
+    #[inline]
     pub fn decisions(&self) -> &[Decision] {
         self.slice()
     }
