@@ -630,16 +630,25 @@ impl<'a> Iterator for QuotedSplit<'a> {
 /// assert_eq!(ip_key("2001:db8:1:2:3:4:5:6".parse().unwrap(), 48), "2001:db8:1::/48");
 /// ```
 pub fn ip_key(ip: IpAddr, v6_prefix: u8) -> String {
-    match ip {
-        IpAddr::V4(a) => a.to_string(),
+    let mut key = String::new();
+    push_ip_key(&mut key, ip, v6_prefix);
+    key
+}
+
+/// Appends [`ip_key`]`(ip, v6_prefix)` to `out`.
+pub(crate) fn push_ip_key(out: &mut String, ip: IpAddr, v6_prefix: u8) {
+    use std::fmt::Write as _;
+    // Writing into a String cannot fail.
+    let _ = match ip {
+        IpAddr::V4(a) => write!(out, "{a}"),
         IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
+            Some(v4) => write!(out, "{v4}"),
             None => {
                 let prefix = v6_prefix.min(128);
-                format!("{}/{}", mask_v6(a, prefix), prefix)
+                write!(out, "{}/{}", mask_v6(a, prefix), prefix)
             }
         },
-    }
+    };
 }
 
 /// `key` itself if it is at most [`MAX_KEY_LEN`] bytes long, otherwise `"h:"` followed by the

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,9 @@ pub(crate) struct DeniedCache {
     shards: Box<[Shard]>,
     hasher: RandomState,
     per_shard: usize,
+    /// How many denials the shards hold (expired ones included until they are dropped): with
+    /// none, a lookup is skipped without hashing the key or taking a lock.
+    len: AtomicUsize,
 }
 
 /// A remembered denial: what to answer until `until`.
@@ -54,7 +58,14 @@ impl DeniedCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
+            len: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether no denial is remembered. A request racing the first insertion may miss it and ask
+    /// the store, which gives the same answer.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Relaxed) == 0
     }
 
     fn shard(&self, key: &str) -> &Shard {
@@ -71,6 +82,7 @@ impl DeniedCache {
             Some(d) if d.until > now => Some(*d),
             Some(_) => {
                 shard.remove(key);
+                self.len.fetch_sub(1, Ordering::Relaxed);
                 None
             }
             None => None,
@@ -95,12 +107,14 @@ impl DeniedCache {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if shard.len() >= self.per_shard && !shard.contains_key(key) {
+            let before = shard.len();
             shard.retain(|_, d| d.until > now);
+            self.len.fetch_sub(before - shard.len(), Ordering::Relaxed);
             if shard.len() >= self.per_shard {
                 return;
             }
         }
-        shard.insert(
+        let replaced = shard.insert(
             key.into(),
             Denied {
                 until: now + retry_after,
@@ -109,6 +123,9 @@ impl DeniedCache {
                 binding,
             },
         );
+        if replaced.is_none() {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -160,5 +177,29 @@ mod tests {
             Duration::from_secs(2),
         );
         assert!(cache.get("late", t0 + Duration::from_secs(3)).is_some());
+    }
+
+    #[test]
+    fn counts_what_it_holds() {
+        let cache = DeniedCache::new(SHARDS);
+        let t0 = Instant::now();
+        assert!(cache.is_empty());
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2));
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2));
+        assert!(!cache.is_empty());
+        // Expired: dropped when looked up.
+        assert!(cache.get("k", t0 + Duration::from_secs(2)).is_none());
+        assert!(cache.is_empty());
+        // Expired entries dropped to make room are counted out too.
+        for i in 0..1_000 {
+            cache.insert(&format!("k{i}"), t0, denial(), 0, Duration::from_secs(2));
+        }
+        let held = |c: &DeniedCache| c.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert_eq!(cache.len.load(Ordering::Relaxed), held(&cache));
+        let later = t0 + Duration::from_secs(3);
+        for i in 0..1_000 {
+            cache.insert(&format!("j{i}"), later, denial(), 0, Duration::from_secs(2));
+        }
+        assert_eq!(cache.len.load(Ordering::Relaxed), held(&cache));
     }
 }

@@ -95,6 +95,7 @@ use std::fmt::{self, Write as _};
 use std::str::FromStr;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use tollgate_core::{Decision, Quota};
 
@@ -255,7 +256,7 @@ pub const fn retry_after_secs(d: Duration) -> u64 {
 
 /// The `Retry-After` value for a wait of `d`, in seconds per [`retry_after_secs`].
 pub fn retry_after_header(d: Duration) -> HeaderValue {
-    HeaderValue::from(retry_after_secs(d))
+    integer_value(retry_after_secs(d))
 }
 
 /// Writes the rate-limit headers for one response (allowed or denied) into `headers` per `mode`,
@@ -278,43 +279,142 @@ pub fn retry_after_header(d: Duration) -> HeaderValue {
 /// A header written here replaces every value it had before; headers of a family `mode` does not
 /// send are left untouched, and so is an existing `Retry-After` when the request is allowed.
 pub fn insert_headers(headers: &mut HeaderMap, mode: HeaderMode, info: &RateLimitInfo<'_>) {
-    let decision = info.decision;
-    let allowed = decision.is_allowed();
-    let remaining = if allowed { decision.remaining } else { 0 };
-    let reset = ceil_secs(decision.reset_after);
+    PolicyHeaders::new(info.policy, info.quota).insert(headers, mode, info.decision);
+}
 
-    if mode.sends_ietf() {
-        let limit = info.quota.limit();
-        let window = ceil_secs(info.quota.window_span()).max(1);
+/// The part of the rate-limit headers that depends only on a policy's name and quota, computed
+/// once per policy (the inbound layer builds one per tier, route and whole-service limit when the
+/// [`Policy`](crate::inbound::Policy) is built) rather than on every response.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyHeaders {
+    /// The policy name as an sf-string (`"basic"`): how `RateLimit` starts.
+    sf_name: Box<str>,
+    /// The whole `RateLimit-Policy` value; `None` only if it were not a valid header value, which
+    /// printable ASCII always is.
+    policy: Option<HeaderValue>,
+    /// The `X-RateLimit-Limit` value.
+    limit: HeaderValue,
+}
 
-        let mut policy = String::with_capacity(info.policy.len() + 40);
-        push_sf_string(&mut policy, info.policy);
-        let mut current = policy.clone();
+impl PolicyHeaders {
+    /// The fixed headers of `policy` limited by `quota`.
+    pub(crate) fn new(policy: &str, quota: &Quota) -> PolicyHeaders {
+        let mut sf_name = String::with_capacity(policy.len() + 2);
+        push_sf_string(&mut sf_name, policy);
+        let window = ceil_secs(quota.window_span()).max(1);
+        let mut value = String::with_capacity(sf_name.len() + 40);
+        value.push_str(&sf_name);
         // Writing into a String cannot fail.
         let _ = write!(
-            policy,
+            value,
             ";q={};w={}",
-            sf_integer(u64::from(limit)),
+            sf_integer(u64::from(quota.limit())),
             sf_integer(window)
         );
-        let _ = write!(
-            current,
-            ";r={};t={}",
-            sf_integer(u64::from(remaining)),
-            sf_integer(reset)
-        );
-        insert_ascii(headers, RATELIMIT_POLICY, policy);
-        insert_ascii(headers, RATELIMIT, current);
+        PolicyHeaders {
+            sf_name: sf_name.into_boxed_str(),
+            policy: HeaderValue::try_from(value).ok(),
+            limit: integer_value(u64::from(quota.limit())),
+        }
     }
 
-    if mode.sends_legacy() {
-        headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(info.quota.limit()));
-        headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
-        headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
-    }
+    /// [`insert_headers`] for this policy and `decision`.
+    pub(crate) fn insert(&self, headers: &mut HeaderMap, mode: HeaderMode, decision: &Decision) {
+        let allowed = decision.is_allowed();
+        let remaining = if allowed { decision.remaining } else { 0 };
+        let reset = ceil_secs(decision.reset_after);
 
-    if !allowed {
-        headers.insert(RETRY_AFTER, retry_after_header(decision.retry_after));
+        if mode.sends_ietf() {
+            match &self.policy {
+                Some(policy) => {
+                    headers.insert(RATELIMIT_POLICY, policy.clone());
+                }
+                // Unreachable (see `policy`). Never leave a stale value behind.
+                None => {
+                    headers.remove(RATELIMIT_POLICY);
+                }
+            }
+            let mut r = [0; 20];
+            let mut t = [0; 20];
+            let current = [
+                self.sf_name.as_bytes(),
+                b";r=",
+                digits(sf_integer(u64::from(remaining)), &mut r),
+                b";t=",
+                digits(sf_integer(reset), &mut t),
+            ]
+            .concat();
+            // `concat` allocates exactly the length, so the bytes are handed over as they are.
+            match HeaderValue::from_maybe_shared(Bytes::from(current)) {
+                Ok(current) => {
+                    headers.insert(RATELIMIT, current);
+                }
+                // Unreachable: printable ASCII only. Never leave a stale value behind.
+                Err(_) => {
+                    headers.remove(RATELIMIT);
+                }
+            }
+        }
+
+        if mode.sends_legacy() {
+            headers.insert(X_RATELIMIT_LIMIT, self.limit.clone());
+            headers.insert(X_RATELIMIT_REMAINING, integer_value(u64::from(remaining)));
+            headers.insert(X_RATELIMIT_RESET, integer_value(reset));
+        }
+
+        if !allowed {
+            headers.insert(RETRY_AFTER, retry_after_header(decision.retry_after));
+        }
+    }
+}
+
+/// Integers below this are header values without an allocation (see [`SMALL_INTEGERS`]).
+const SMALL_INTEGER_END: usize = 1000;
+
+/// `000` to `999`, three digits each: the text of every small integer, so its header value can
+/// point at static bytes.
+static SMALL_INTEGERS: [u8; 3 * SMALL_INTEGER_END] = {
+    let mut out = [0; 3 * SMALL_INTEGER_END];
+    let mut n = 0;
+    while n < SMALL_INTEGER_END {
+        out[3 * n] = b'0' + (n / 100) as u8;
+        out[3 * n + 1] = b'0' + (n / 10 % 10) as u8;
+        out[3 * n + 2] = b'0' + (n % 10) as u8;
+        n += 1;
+    }
+    out
+};
+
+/// `n` in decimal, as a header value (what `HeaderValue::from(n)` gives), without allocating
+/// for small numbers and with one exact allocation otherwise.
+fn integer_value(n: u64) -> HeaderValue {
+    if let Ok(small) = usize::try_from(n)
+        && small < SMALL_INTEGER_END
+    {
+        let width = match small {
+            0..=9 => 1,
+            10..=99 => 2,
+            _ => 3,
+        };
+        let end = 3 * small + 3;
+        if let Ok(text) = std::str::from_utf8(&SMALL_INTEGERS[end - width..end]) {
+            return HeaderValue::from_static(text);
+        }
+    }
+    let mut buf = [0; 20];
+    HeaderValue::from_bytes(digits(n, &mut buf)).unwrap_or_else(|_| HeaderValue::from(n))
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn digits(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
     }
 }
 
@@ -425,19 +525,6 @@ fn push_json_string(out: &mut String, s: &str) {
         }
     }
     out.push('"');
-}
-
-/// Inserts a value built only from printable ASCII.
-fn insert_ascii(headers: &mut HeaderMap, name: HeaderName, value: String) {
-    match HeaderValue::try_from(value) {
-        Ok(value) => {
-            headers.insert(name, value);
-        }
-        // Unreachable: the callers only write printable ASCII. Never leave a stale value behind.
-        Err(_) => {
-            headers.remove(name);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -846,6 +933,41 @@ mod tests {
             "detail".into(),
             Json::Str("The rate limit was exceeded; retry in 1 second.".into())
         )));
+    }
+
+    #[test]
+    fn integers_read_as_http_writes_them() {
+        let big = [
+            1_000,
+            1_001,
+            65_535,
+            999_999,
+            1_000_000,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ];
+        for n in (0..2_000).chain(big) {
+            assert_eq!(integer_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn precomputed_headers_match_a_fresh_build() {
+        let quota = basic();
+        let fixed = PolicyHeaders::new("ba\"sic", &quota);
+        for d in [
+            decision(Outcome::Allowed, 19, 600, 0),
+            decision(Outcome::Denied, 0, 12_000, 1_200),
+        ] {
+            for mode in HeaderMode::ALL {
+                let mut headers = written(mode, "ba\"sic", &quota, &d);
+                // Twice into the same map: every value is replaced, none appended.
+                fixed.insert(&mut headers, mode, &d);
+                let mut fresh = HeaderMap::new();
+                fixed.insert(&mut fresh, mode, &d);
+                assert_eq!(headers, fresh, "{mode}");
+            }
+        }
     }
 
     #[test]

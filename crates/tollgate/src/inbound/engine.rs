@@ -1,18 +1,19 @@
 //! The decision for one request: limits, store, failure policy, cache, metrics, the answer.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use tollgate_core::{Decision, DynStore, Limit, MemoryStore, Outcome, Quota, StoreError, Verdict};
+use tollgate_core::{Decision, DynStore, Limit, MemoryStore, Outcome, StoreError, Verdict};
 
-use super::identity::Identity;
-use super::policy::Policy;
+use super::identity::{Identity, TIER_KEY_EXTRA};
+use super::policy::{LimitInfo, Policy, PolicyHandle, Tier};
 use crate::breaker::{Admission, CircuitBreaker};
 use crate::client_ip::fingerprint;
 use crate::denied::DeniedCache;
-use crate::headers::{self, HeaderMode, RateLimitInfo};
+use crate::headers::{self, HeaderMode};
 use crate::metrics::{self as m, outcome};
 
 /// What the layer does when the store fails or times out.
@@ -58,6 +59,8 @@ pub struct RateLimitDecision {
 
 /// State shared by every clone of the layer and its services.
 pub(crate) struct Shared {
+    /// The policy in force (replaceable).
+    pub(crate) policy: PolicyHandle,
     pub(crate) store: Arc<dyn DynStore>,
     pub(crate) store_kind: &'static str,
     pub(crate) fallback: MemoryStore,
@@ -73,26 +76,42 @@ pub(crate) struct Shared {
 #[derive(Debug, Clone)]
 pub(crate) struct After {
     mode: HeaderMode,
-    policy: Arc<str>,
-    quota: Quota,
+    /// The policy of the request, and which of its limits the headers report.
+    policy: Arc<Policy>,
+    slot: Slot,
     decision: Decision,
     shadow: bool,
 }
 
 impl After {
     pub(crate) fn apply(&self, headers: &mut http::HeaderMap) {
-        headers::insert_headers(
-            headers,
-            self.mode,
-            &RateLimitInfo {
-                policy: &self.policy,
-                quota: &self.quota,
-                decision: &self.decision,
-            },
-        );
+        if let Some(limit) = self.slot.limit(&self.policy) {
+            limit.headers.insert(headers, self.mode, &self.decision);
+        }
         if self.shadow {
             // The request passed: no Retry-After on it.
             headers.remove(header::RETRY_AFTER);
+        }
+    }
+}
+
+/// One of the limits of a policy.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// The tier at this index.
+    Tier(usize),
+    /// The own limit of the route at this index.
+    Route(usize),
+    /// The whole-service limit.
+    Global,
+}
+
+impl Slot {
+    fn limit(self, policy: &Policy) -> Option<&Arc<LimitInfo>> {
+        match self {
+            Slot::Tier(i) => Some(&policy.tier_at(i).limit),
+            Slot::Route(i) => policy.route_limit(i),
+            Slot::Global => policy.global_limit(),
         }
     }
 }
@@ -110,30 +129,101 @@ pub(crate) enum Next {
 }
 
 /// The limits of one request, owned so a decision can outlive the call that built it.
+///
+/// They are, in this order: the caller's tier, the route's own limit (if the request matched a
+/// route that has one) and the whole-service limit (if the policy has one).
 pub(crate) struct Plan {
     policy: Arc<Policy>,
-    tier: Arc<str>,
-    keys: Vec<String>,
-    quotas: Vec<Quota>,
-    costs: Vec<u32>,
-    names: Vec<Arc<str>>,
-    cache_key: String,
-    /// The identity key, logged only as its fingerprint.
-    key: KeyHash,
+    /// The caller's tier (an index into the policy's tiers).
+    tier: usize,
+    /// The route rule the request matched (an index into the policy's routes).
+    route: Option<usize>,
+    /// The tier's bucket key, `{<identity key>}:t:<tier>`, written around the identity key's own
+    /// string: the identity key is `tier_key[1..=key_len]`.
+    tier_key: String,
+    key_len: usize,
+    /// The bucket key of the route's own limit, `{<identity key>}:r:<route>`, when it has one.
+    route_key: Option<String>,
+    /// What the request costs against the tier and the route's limit.
+    cost: u32,
 }
 
+/// The key of the whole-service limit.
+const GLOBAL_KEY: &str = "global";
+
 impl Plan {
-    fn limits(&self) -> Vec<Limit<'_>> {
-        self.keys
-            .iter()
-            .zip(&self.quotas)
-            .zip(&self.costs)
-            .map(|((k, q), &c)| Limit::new(k, q, c))
-            .collect()
+    /// The identity key of the caller (logged only as its fingerprint).
+    fn key(&self) -> &str {
+        &self.tier_key[1..=self.key_len]
+    }
+
+    fn tier(&self) -> &Tier {
+        self.policy.tier_at(self.tier)
+    }
+
+    fn tier_name(&self) -> &Arc<str> {
+        &self.tier().limit.name
+    }
+
+    /// Which limit of the policy is at `index` in the order of the plan.
+    fn slot(&self, index: usize) -> Slot {
+        match (index, self.route, &self.route_key) {
+            (0, _, _) => Slot::Tier(self.tier),
+            (1, Some(route), Some(_)) => Slot::Route(route),
+            _ => Slot::Global,
+        }
+    }
+
+    /// The limit at `index` in the order of the plan.
+    fn limit(&self, index: usize) -> &Arc<LimitInfo> {
+        self.slot(index)
+            .limit(&self.policy)
+            .unwrap_or(&self.tier().limit)
+    }
+
+    /// What the request costs under the limit at `index`: the whole-service limit counts
+    /// requests.
+    fn cost_of(&self, index: usize) -> u32 {
+        let global = 1 + usize::from(self.route_key.is_some());
+        if index == global && self.policy.global_limit().is_some() {
+            1
+        } else {
+            self.cost
+        }
+    }
+
+    /// The limits to decide, in an array (the first `n` are used): no allocation.
+    fn limits(&self) -> ([Limit<'_>; 3], usize) {
+        let tier = Limit::new(&self.tier_key, &self.tier().limit.quota, self.cost);
+        let mut limits = [tier; 3];
+        let mut n = 1;
+        if let Some(key) = &self.route_key
+            && let Some(route) = self.route.and_then(|r| self.policy.route_limit(r))
+        {
+            limits[n] = Limit::new(key, &route.quota, self.cost);
+            n += 1;
+        }
+        if let Some(global) = self.policy.global_limit() {
+            limits[n] = Limit::new(GLOBAL_KEY, &global.quota, 1);
+            n += 1;
+        }
+        (limits, n)
+    }
+
+    /// The key of the caller (and route) in the denied-until cache.
+    fn cache_key(&self) -> Cow<'_, str> {
+        match self.route {
+            Some(r) => Cow::Owned(format!(
+                "{}\u{0}{}",
+                self.key(),
+                self.policy.route_at(r).name()
+            )),
+            None => Cow::Borrowed(self.key()),
+        }
     }
 
     fn cost(&self) -> u32 {
-        self.costs.first().copied().unwrap_or(0)
+        self.cost
     }
 }
 
@@ -160,9 +250,7 @@ pub(crate) fn unauthorized(detail: &str) -> Response<Bytes> {
 }
 
 fn count(plan: &Plan, outcome: &'static str) {
-    let Some(tm) = plan.policy.tier_metrics(&plan.tier) else {
-        return;
-    };
+    let tm = plan.tier().metrics();
     match outcome {
         outcome::ALLOWED => {
             tm.allowed.increment(1);
@@ -175,9 +263,7 @@ fn count(plan: &Plan, outcome: &'static str) {
 }
 
 fn breach(plan: &Plan) {
-    if let Some(tm) = plan.policy.tier_metrics(&plan.tier) {
-        tm.breaches.increment(1);
-    }
+    plan.tier().metrics().breaches.increment(1);
 }
 
 impl Shared {
@@ -196,60 +282,59 @@ impl Shared {
                 extension: None,
             });
         }
-        let Some((tier, tier_quota)) = policy.tier(&identity.tier) else {
+        let Some(tier) = policy.tier_index(&identity.tier) else {
             return Ok(Next::Respond(unauthorized(
                 "The caller's tier is not configured.",
             )));
         };
-        let route = policy.route(request.method(), request.uri().path());
-        let cost = route.map_or(1, |r| r.request_cost());
+        let route = policy.route_index(request.method(), request.uri().path());
+        let cost = route.map_or(1, |r| policy.route_at(r).request_cost());
         // The caller's limits share a hash tag, so on Redis Cluster they are decided in one call;
         // the whole-service limit lives in its own slot.
-        let mut keys = vec![format!("{{{}}}:t:{tier}", identity.key)];
-        let mut quotas = vec![*tier_quota];
-        let mut costs = vec![cost];
-        let mut names = vec![Arc::clone(tier)];
-        if let Some(route) = route
-            && let Some(quota) = route.quota()
-        {
-            keys.push(format!("{{{}}}:r:{}", identity.key, route.name()));
-            quotas.push(*quota);
-            costs.push(cost);
-            names.push(Arc::clone(route.shared_name()));
-        }
-        if let Some(global) = policy.global() {
-            keys.push("global".to_owned());
-            quotas.push(*global);
-            costs.push(1);
-            names.push(Arc::clone(policy.global_name()));
-        }
+        let tier_name = &policy.tier_at(tier).limit.name;
+        let mut tier_key = identity.key;
+        let key_len = tier_key.len();
+        tier_key.reserve_exact(TIER_KEY_EXTRA + tier_name.len());
+        tier_key.insert(0, '{');
+        tier_key.push_str("}:t:");
+        tier_key.push_str(tier_name);
+        let route_key = route.filter(|&r| policy.route_limit(r).is_some()).map(|r| {
+            let key = &tier_key[1..=key_len];
+            let name = policy.route_at(r).name();
+            let mut route_key = String::with_capacity(key.len() + name.len() + 5);
+            route_key.push('{');
+            route_key.push_str(key);
+            route_key.push_str("}:r:");
+            route_key.push_str(name);
+            route_key
+        });
         let plan = Plan {
-            tier: Arc::clone(tier),
-            cache_key: match route {
-                Some(r) => format!("{}\u{0}{}", identity.key, r.name()),
-                None => identity.key.clone(),
-            },
-            key: KeyHash(identity.key),
             policy,
-            keys,
-            quotas,
-            costs,
-            names,
+            tier,
+            route,
+            tier_key,
+            key_len,
+            route_key,
+            cost,
         };
         if !plan.policy.is_shadow()
             && let Some(cache) = &self.denied
-            && let Some(denied) = cache.get(&plan.cache_key, Instant::now())
+            && !cache.is_empty()
         {
-            let decision = denied.at(Instant::now());
-            return Ok(self.deny(&plan, denied.binding, &[denied.binding], decision, true));
+            let now = Instant::now();
+            if let Some(denied) = cache.get(&plan.cache_key(), now) {
+                let decision = denied.at(now);
+                return Ok(self.deny(&plan, denied.binding, &[denied.binding], decision, true));
+            }
         }
         let started = Instant::now();
-        match self.store.decide_now_dyn(&plan.limits()) {
+        let (limits, n) = plan.limits();
+        match self.store.decide_now_dyn(&limits[..n]) {
             Some(result) => {
                 self.latency().record(started.elapsed().as_secs_f64());
                 let from_store = result.is_ok();
                 let result = result.or_else(|e| self.on_failure(&plan, &e, Admission::Store));
-                Ok(self.finish(&plan, result, from_store))
+                Ok(self.finish(plan, result, from_store))
             }
             None => Err(Box::new(plan)),
         }
@@ -264,10 +349,11 @@ impl Shared {
             Admission::Fallback => self.unavailable(&plan),
             Admission::Store | Admission::Probe => {
                 let started = Instant::now();
-                let limits = plan.limits();
-                let outcome = tokio::time::timeout(self.timeout, self.store.decide_boxed(&limits))
-                    .await
-                    .unwrap_or_else(|_| Err(StoreError::timeout()));
+                let (limits, n) = plan.limits();
+                let outcome =
+                    tokio::time::timeout(self.timeout, self.store.decide_boxed(&limits[..n]))
+                        .await
+                        .unwrap_or_else(|_| Err(StoreError::timeout()));
                 self.latency().record(started.elapsed().as_secs_f64());
                 match outcome {
                     Ok(verdict) => {
@@ -280,7 +366,7 @@ impl Shared {
                 }
             }
         };
-        self.finish(&plan, result, from_store)
+        self.finish(*plan, result, from_store)
     }
 
     fn latency(&self) -> &metrics::Histogram {
@@ -309,29 +395,33 @@ impl Shared {
 
     fn unavailable(&self, plan: &Plan) -> Result<Verdict, Failure> {
         match self.on_error {
-            OnStoreError::Local => Ok(self.fallback.decide_now(&plan.limits())),
+            OnStoreError::Local => {
+                let (limits, n) = plan.limits();
+                Ok(self.fallback.decide_now(&limits[..n]))
+            }
             OnStoreError::FailOpen => Err(Failure::Open),
             OnStoreError::FailClosed => Err(Failure::Closed),
         }
     }
 
     /// `from_store`: the verdict is the store's own, not the local fallback's.
-    fn finish(&self, plan: &Plan, result: Result<Verdict, Failure>, from_store: bool) -> Next {
+    fn finish(&self, owned: Plan, result: Result<Verdict, Failure>, from_store: bool) -> Next {
+        let plan = &owned;
         let verdict = match result {
             Ok(verdict) => verdict,
             Err(failure) => {
                 count(plan, outcome::STORE_ERROR);
-                tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::STORE_ERROR, "rate limit");
+                tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::STORE_ERROR, "rate limit");
                 return match failure {
                     Failure::Open => Next::Forward {
                         after: None,
                         delay: Duration::ZERO,
                         extension: Some(RateLimitDecision {
-                            tier: Arc::clone(&plan.tier),
-                            policy: Arc::clone(&plan.tier),
+                            tier: Arc::clone(plan.tier_name()),
+                            policy: Arc::clone(plan.tier_name()),
                             decision: Decision {
                                 outcome: Outcome::Allowed,
-                                limit: plan.quotas[0].limit(),
+                                limit: plan.tier().limit.quota.limit(),
                                 remaining: 0,
                                 reset_after: Duration::ZERO,
                                 retry_after: Duration::ZERO,
@@ -368,13 +458,13 @@ impl Shared {
         let decision = *decision;
         if verdict.is_allowed() {
             count(plan, outcome::ALLOWED);
-            tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::ALLOWED, "rate limit");
-            return self.forward(plan, binding, decision, verdict.delay(), false);
+            tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::ALLOWED, "rate limit");
+            return Self::forward(owned, binding, decision, verdict.delay(), false);
         }
         if plan.policy.is_shadow() {
             count(plan, outcome::SHADOW_LIMITED);
-            tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::SHADOW_LIMITED, "rate limit");
-            return self.forward(plan, binding, decision, Duration::ZERO, true);
+            tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::SHADOW_LIMITED, "rate limit");
+            return Self::forward(owned, binding, decision, Duration::ZERO, true);
         }
         if verdict.outcome() == Outcome::InsufficientCapacity {
             return self.never(plan, &verdict);
@@ -384,7 +474,7 @@ impl Shared {
         // closes, the store decides again).
         if from_store && let Some(cache) = &self.denied {
             cache.insert(
-                &plan.cache_key,
+                &plan.cache_key(),
                 Instant::now(),
                 decision,
                 binding,
@@ -405,7 +495,7 @@ impl Shared {
     /// not a 429 (whose `Retry-After` promises a pass) but a 403 saying why.
     fn never(&self, plan: &Plan, verdict: &Verdict) -> Next {
         count(plan, outcome::LIMITED);
-        tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::LIMITED, "rate limit: cost above capacity");
+        tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::LIMITED, "rate limit: cost above capacity");
         let (i, d) = verdict
             .decisions()
             .iter()
@@ -414,7 +504,9 @@ impl Shared {
             .unwrap_or((0, &verdict.decisions()[0]));
         let detail = format!(
             "This request costs {}, more than the policy \"{}\" can ever allow ({} at once).",
-            plan.costs[i], plan.names[i], d.limit
+            plan.cost_of(i),
+            plan.limit(i).name,
+            d.limit
         );
         Next::Respond(problem_response(
             StatusCode::FORBIDDEN,
@@ -423,29 +515,31 @@ impl Shared {
     }
 
     fn forward(
-        &self,
-        plan: &Plan,
+        plan: Plan,
         binding: usize,
         decision: Decision,
         delay: Duration,
         shadow: bool,
     ) -> Next {
-        let policy = Arc::clone(&plan.names[binding]);
+        let extension = RateLimitDecision {
+            tier: Arc::clone(plan.tier_name()),
+            policy: Arc::clone(&plan.limit(binding).name),
+            decision,
+            store_error: false,
+        };
+        let mode = plan.policy.header_mode();
+        // Without headers to write (or a shadow Retry-After to remove), nothing to do afterwards.
+        let after = (mode != HeaderMode::None || shadow).then(|| After {
+            mode,
+            slot: plan.slot(binding),
+            policy: plan.policy,
+            decision,
+            shadow,
+        });
         Next::Forward {
-            after: Some(After {
-                mode: plan.policy.header_mode(),
-                policy: Arc::clone(&policy),
-                quota: plan.quotas[binding],
-                decision,
-                shadow,
-            }),
+            after,
             delay,
-            extension: Some(RateLimitDecision {
-                tier: Arc::clone(&plan.tier),
-                policy,
-                decision,
-                store_error: false,
-            }),
+            extension: Some(extension),
         }
     }
 
@@ -459,21 +553,16 @@ impl Shared {
     ) -> Next {
         count(plan, outcome::LIMITED);
         breach(plan);
-        tracing::debug!(tier = %plan.tier, key = %plan.key, outcome = outcome::LIMITED, cached, "rate limit");
-        let name = &plan.names[binding];
-        let names: Vec<&str> = violated.iter().map(|&i| &*plan.names[i]).collect();
+        tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::LIMITED, cached, "rate limit");
+        let names: Vec<&str> = violated.iter().map(|&i| &*plan.limit(i).name).collect();
         let mut response = problem_response(
             StatusCode::TOO_MANY_REQUESTS,
             headers::problem_json(&names, decision.retry_after),
         );
-        headers::insert_headers(
+        plan.limit(binding).headers.insert(
             response.headers_mut(),
             plan.policy.header_mode(),
-            &RateLimitInfo {
-                policy: name,
-                quota: &plan.quotas[binding],
-                decision: &decision,
-            },
+            &decision,
         );
         Next::Respond(response)
     }
@@ -481,9 +570,9 @@ impl Shared {
 
 /// A caller's key in logs: shown as its 128-bit fingerprint, computed only when a log line is
 /// actually written (never the raw key, which may be an API key).
-struct KeyHash(String);
+struct KeyHash<'a>(&'a str);
 
-impl std::fmt::Display for KeyHash {
+impl std::fmt::Display for KeyHash<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:032x}", fingerprint(self.0.as_bytes()))
     }

@@ -22,7 +22,6 @@ struct Pending<S, B> {
     inner: S,
     request: Request<B>,
     shared: Arc<Shared>,
-    policy: Arc<Policy>,
 }
 
 pin_project! {
@@ -43,7 +42,8 @@ pin_project! {
         Identify {
             #[pin]
             identify: KF,
-            pending: Option<Pending<S, B>>,
+            // The policy is handed over to the decision.
+            pending: Option<(Pending<S, B>, Arc<Policy>)>,
         },
         Decide {
             decision: Decision,
@@ -76,12 +76,14 @@ impl<F, S, B, KF> ResponseFuture<F, S, B, KF> {
         ResponseFuture {
             state: State::Identify {
                 identify,
-                pending: Some(Pending {
-                    inner,
-                    request,
-                    shared,
+                pending: Some((
+                    Pending {
+                        inner,
+                        request,
+                        shared,
+                    },
                     policy,
-                }),
+                )),
             },
         }
     }
@@ -107,22 +109,20 @@ where
             let next = match this.state.as_mut().project() {
                 StateProj::Identify { identify, pending } => {
                     let identity = ready!(identify.poll(cx));
-                    let Some(p) = pending.take() else {
+                    let Some((p, policy)) = pending.take() else {
                         return Poll::Pending;
                     };
                     match identity {
                         Err(Rejection::Unauthorized { detail }) => State::Respond {
                             response: Some(unauthorized(&detail)),
                         },
-                        Ok(identity) => {
-                            match p.shared.plan(Arc::clone(&p.policy), identity, &p.request) {
-                                Ok(next) => Self::advance(next, p),
-                                Err(plan) => State::Decide {
-                                    decision: Box::pin(Arc::clone(&p.shared).decide(plan)),
-                                    pending: Some(p),
-                                },
-                            }
-                        }
+                        Ok(identity) => match p.shared.plan(policy, identity, &p.request) {
+                            Ok(next) => Self::advance(next, p),
+                            Err(plan) => State::Decide {
+                                decision: Box::pin(Arc::clone(&p.shared).decide(plan)),
+                                pending: Some(p),
+                            },
+                        },
                     }
                 }
                 StateProj::Decide { decision, pending } => {

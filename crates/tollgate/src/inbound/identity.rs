@@ -7,7 +7,9 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use http::{HeaderName, Request, header};
 
-use crate::client_ip::{DEFAULT_V6_PREFIX, TrustedProxies, bounded_key, client_ip, ip_key};
+use crate::client_ip::{
+    DEFAULT_V6_PREFIX, MAX_KEY_LEN, TrustedProxies, bounded_key, client_ip, push_ip_key,
+};
 
 /// The caller of a request, as the limiter sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +30,30 @@ impl Identity {
             tier: tier.into(),
         }
     }
+}
+
+/// What the layer appends to an identity key to make its tier's bucket key (`{<key>}:t:<tier>`).
+pub(crate) const TIER_KEY_EXTRA: usize = "{}:t:".len();
+
+/// An empty key with room for `len` bytes and the tier suffix the layer appends, so building the
+/// bucket key does not reallocate.
+fn key_buffer(len: usize, tier: &str) -> String {
+    String::with_capacity(len + TIER_KEY_EXTRA + tier.len())
+}
+
+/// `prefix` followed by `rest`, as [`bounded_key`] bounds it, with room for the tier suffix.
+fn prefixed_key(prefix: &str, rest: &str, tier: &str) -> String {
+    let len = prefix.len() + rest.len();
+    if len > MAX_KEY_LEN {
+        let mut key = String::with_capacity(len);
+        key.push_str(prefix);
+        key.push_str(rest);
+        return bounded_key(&key).into_owned();
+    }
+    let mut key = key_buffer(len, tier);
+    key.push_str(prefix);
+    key.push_str(rest);
+    key
 }
 
 /// Why a request gets no identity: it is answered without reaching the service.
@@ -127,8 +153,12 @@ impl ClientIp {
 
     fn identity<B>(&self, request: &Request<B>) -> Identity {
         let ip = client_ip(peer_ip(request), request.headers(), &self.trusted);
+        // The longest IP key: an IPv6 address and its prefix length.
+        let mut key = key_buffer("ip:".len() + 39 + 4, &self.tier);
+        key.push_str("ip:");
+        push_ip_key(&mut key, ip, self.v6_prefix);
         Identity {
-            key: format!("ip:{}", ip_key(ip, self.v6_prefix)),
+            key,
             tier: Arc::clone(&self.tier),
         }
     }
@@ -159,8 +189,10 @@ impl<B> KeyExtractor<B> for Global {
     type Future = Ready<Result<Identity, Rejection>>;
 
     fn extract(&self, _request: &Request<B>) -> Self::Future {
+        let mut key = key_buffer("global".len(), &self.tier);
+        key.push_str("global");
         ready(Ok(Identity {
-            key: "global".to_owned(),
+            key,
             tier: Arc::clone(&self.tier),
         }))
     }
@@ -188,11 +220,11 @@ impl<B> KeyExtractor<B> for HeaderValueKey {
         ready(Ok(match request.headers().get(&self.header) {
             // Any bytes will do as a key: non-UTF-8 is hex-escaped by the lossless debug form.
             Some(value) => Identity {
-                key: bounded_key(&format!(
-                    "header:{}",
-                    String::from_utf8_lossy(value.as_bytes())
-                ))
-                .into_owned(),
+                key: prefixed_key(
+                    "header:",
+                    &String::from_utf8_lossy(value.as_bytes()),
+                    &self.fallback.tier,
+                ),
                 tier: Arc::clone(&self.fallback.tier),
             },
             None => self.fallback.identity(request),
@@ -277,7 +309,7 @@ impl<B> KeyExtractor<B> for ApiKeys {
             .and_then(|k| table.keys.get(k.trim()));
         ready(match entry {
             Some(entry) => Ok(Identity {
-                key: bounded_key(&format!("user:{}", entry.user)).into_owned(),
+                key: prefixed_key("user:", &entry.user, &entry.tier),
                 tier: Arc::clone(&entry.tier),
             }),
             None => Err(Rejection::Unauthorized {

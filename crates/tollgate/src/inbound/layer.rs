@@ -22,7 +22,6 @@ pub const DEFAULT_DENIED_CACHE: usize = 100_000;
 #[derive(Clone)]
 pub struct RateLimitLayer<K> {
     shared: Arc<Shared>,
-    policy: PolicyHandle,
     extractor: K,
 }
 
@@ -53,7 +52,7 @@ impl<K> RateLimitLayer<K> {
     /// The policy in force; [`PolicyHandle::set`] replaces it for every service of this layer
     /// (a configuration reload), keeping the bucket state.
     pub fn policy(&self) -> &PolicyHandle {
-        &self.policy
+        &self.shared.policy
     }
 }
 
@@ -61,12 +60,7 @@ impl<S, K: Clone> Layer<S> for RateLimitLayer<K> {
     type Service = RateLimit<S, K>;
 
     fn layer(&self, inner: S) -> RateLimit<S, K> {
-        RateLimit::from_parts(
-            inner,
-            Arc::clone(&self.shared),
-            self.policy.clone(),
-            self.extractor.clone(),
-        )
+        RateLimit::from_parts(inner, Arc::clone(&self.shared), self.extractor.clone())
     }
 }
 
@@ -140,6 +134,7 @@ impl<K> RateLimitLayerBuilder<K> {
         let store: Arc<dyn DynStore> = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         RateLimitLayer {
             shared: Arc::new(Shared {
+                policy: PolicyHandle::new(self.policy),
                 store_kind: store.kind_dyn(),
                 store,
                 fallback: MemoryStore::builder()
@@ -151,7 +146,6 @@ impl<K> RateLimitLayerBuilder<K> {
                 denied: self.denied_cache.map(DeniedCache::new),
                 latency: std::sync::OnceLock::new(),
             }),
-            policy: PolicyHandle::new(self.policy),
             extractor: self.extractor,
         }
     }

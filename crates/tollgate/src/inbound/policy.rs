@@ -3,12 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use http::Method;
 use tollgate_core::Quota;
 
-use crate::headers::HeaderMode;
+use crate::headers::{HeaderMode, PolicyHeaders};
 use crate::metrics::TierMetrics;
 
 /// A path pattern: `/api/reports` matches that path exactly; `/api/*` matches `/api` and
@@ -103,10 +104,6 @@ impl Route {
         &self.name
     }
 
-    pub(crate) fn shared_name(&self) -> &Arc<str> {
-        &self.name
-    }
-
     /// The cost of a request to this route.
     pub fn request_cost(&self) -> u32 {
         self.cost
@@ -165,22 +162,91 @@ pub enum PolicyError {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Policy {
-    tiers: HashMap<Arc<str>, Tier>,
+    tiers: Vec<Tier>,
+    /// Tier name to index in `tiers`.
+    tier_index: HashMap<Arc<str>, usize, BuildHasherDefault<TierHasher>>,
     routes: Vec<Route>,
-    global: Option<Quota>,
+    /// The own limit of each route (same index as `routes`), if it has one.
+    route_limits: Vec<Option<Arc<LimitInfo>>>,
+    global: Option<Arc<LimitInfo>>,
     headers: HeaderMode,
     shadow: bool,
     exempt_paths: Vec<PathPattern>,
     exempt_keys: HashSet<String>,
-    global_name: Arc<str>,
 }
 
 #[derive(Debug, Clone)]
-struct Tier {
-    quota: Quota,
+pub(crate) struct Tier {
+    pub(crate) limit: Arc<LimitInfo>,
     /// Registered on the tier's first request (a recorder installed after the policy was built
     /// still gets them).
     metrics: OnceLock<TierMetrics>,
+}
+
+impl Tier {
+    /// The tier's metric handles (registered on first use).
+    pub(crate) fn metrics(&self) -> &TierMetrics {
+        self.metrics
+            .get_or_init(|| TierMetrics::register(&self.limit.name))
+    }
+}
+
+/// One limit of a policy (a tier, a route's own limit or the whole-service limit): its name, its
+/// quota and the parts of its rate-limit headers that never change.
+#[derive(Debug)]
+pub(crate) struct LimitInfo {
+    /// The name reported in headers, bodies and metrics.
+    pub(crate) name: Arc<str>,
+    pub(crate) quota: Quota,
+    pub(crate) headers: PolicyHeaders,
+}
+
+impl LimitInfo {
+    fn new(name: Arc<str>, quota: Quota) -> Arc<LimitInfo> {
+        Arc::new(LimitInfo {
+            headers: PolicyHeaders::new(&name, &quota),
+            name,
+            quota,
+        })
+    }
+}
+
+/// The hash of the tier table, looked up on every request: a multiply-rotate hash (FxHash's),
+/// much cheaper than SipHash on short names. Its keys come from the configuration, never from
+/// requests, so a keyed hash resisting collision attacks buys nothing here.
+#[derive(Debug, Default, Clone, Copy)]
+struct TierHasher(u64);
+
+impl TierHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for TierHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut buf = [0; 8];
+            buf.copy_from_slice(word);
+            self.add(u64::from_le_bytes(buf));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut buf = [0; 8];
+            buf[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(buf));
+        }
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn finish(&self) -> u64 {
+        // The table picks buckets by the low bits: bring the well-mixed high bits down.
+        self.0.rotate_left(26)
+    }
 }
 
 /// Builds a [`Policy`].
@@ -240,15 +306,17 @@ impl PolicyBuilder {
 
     /// Checks and builds the policy.
     pub fn build(self) -> Result<Policy, PolicyError> {
-        let mut tiers = HashMap::with_capacity(self.tiers.len());
+        let mut tiers = Vec::with_capacity(self.tiers.len());
+        let mut tier_index =
+            HashMap::with_capacity_and_hasher(self.tiers.len(), BuildHasherDefault::default());
         for (name, quota) in self.tiers {
-            let tier = Tier {
-                quota,
-                metrics: OnceLock::new(),
-            };
-            if tiers.insert(Arc::clone(&name), tier).is_some() {
+            if tier_index.insert(Arc::clone(&name), tiers.len()).is_some() {
                 return Err(PolicyError::DuplicateTier(name.to_string()));
             }
+            tiers.push(Tier {
+                limit: LimitInfo::new(name, quota),
+                metrics: OnceLock::new(),
+            });
         }
         for route in &self.routes {
             if let Some(limit) = &route.limit
@@ -261,15 +329,26 @@ impl PolicyBuilder {
                 });
             }
         }
+        let route_limits = self
+            .routes
+            .iter()
+            .map(|r| {
+                r.limit
+                    .map(|quota| LimitInfo::new(Arc::clone(&r.name), quota))
+            })
+            .collect();
         Ok(Policy {
             tiers,
+            tier_index,
             routes: self.routes,
-            global: self.global,
+            route_limits,
+            global: self
+                .global
+                .map(|quota| LimitInfo::new("global".into(), quota)),
             headers: self.headers,
             shadow: self.shadow,
             exempt_paths: self.exempt_paths,
             exempt_keys: self.exempt_keys,
-            global_name: "global".into(),
         })
     }
 }
@@ -282,27 +361,52 @@ impl Policy {
 
     /// The quota of a tier, with its shared name.
     pub fn tier(&self, name: &str) -> Option<(&Arc<str>, &Quota)> {
-        self.tiers.get_key_value(name).map(|(k, t)| (k, &t.quota))
+        let tier = &self.tiers[self.tier_index(name)?];
+        Some((&tier.limit.name, &tier.limit.quota))
     }
 
-    /// The metric handles of a tier (registered on first use).
-    pub(crate) fn tier_metrics(&self, name: &Arc<str>) -> Option<&TierMetrics> {
-        let tier = self.tiers.get(name)?;
-        Some(tier.metrics.get_or_init(|| TierMetrics::register(name)))
+    /// The index of a tier, for [`tier_at`](Policy::tier_at).
+    pub(crate) fn tier_index(&self, name: &str) -> Option<usize> {
+        // A few names are compared faster than one is hashed.
+        if self.tiers.len() <= 8 {
+            return self.tiers.iter().position(|t| *t.limit.name == *name);
+        }
+        self.tier_index.get(name).copied()
+    }
+
+    /// The tier at `index` (from [`tier_index`](Policy::tier_index)).
+    pub(crate) fn tier_at(&self, index: usize) -> &Tier {
+        &self.tiers[index]
     }
 
     /// The first route rule matching a request.
     pub fn route(&self, method: &Method, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(method, path))
+        self.route_index(method, path).map(|i| &self.routes[i])
+    }
+
+    /// The index of the first route rule matching a request.
+    pub(crate) fn route_index(&self, method: &Method, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.matches(method, path))
+    }
+
+    /// The route rule at `index` (from [`route_index`](Policy::route_index)).
+    pub(crate) fn route_at(&self, index: usize) -> &Route {
+        &self.routes[index]
+    }
+
+    /// The own limit of the route at `index`, if it has one.
+    pub(crate) fn route_limit(&self, index: usize) -> Option<&Arc<LimitInfo>> {
+        self.route_limits[index].as_ref()
     }
 
     /// The whole-service limit.
     pub fn global(&self) -> Option<&Quota> {
-        self.global.as_ref()
+        self.global.as_ref().map(|g| &g.quota)
     }
 
-    pub(crate) fn global_name(&self) -> &Arc<str> {
-        &self.global_name
+    /// The whole-service limit, with its name and headers.
+    pub(crate) fn global_limit(&self) -> Option<&Arc<LimitInfo>> {
+        self.global.as_ref()
     }
 
     /// The header mode.

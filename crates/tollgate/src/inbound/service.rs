@@ -9,7 +9,6 @@ use tower_service::Service;
 use super::engine::Shared;
 use super::future::ResponseFuture;
 use super::identity::KeyExtractor;
-use super::policy::PolicyHandle;
 use crate::body::ResponseBody;
 
 /// Rate-limits the requests to an inner service: see the [module docs](super).
@@ -20,7 +19,6 @@ use crate::body::ResponseBody;
 pub struct RateLimit<S, K> {
     inner: S,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) policy: PolicyHandle,
     pub(crate) extractor: K,
 }
 
@@ -36,16 +34,10 @@ where
 }
 
 impl<S, K> RateLimit<S, K> {
-    pub(crate) fn from_parts(
-        inner: S,
-        shared: Arc<Shared>,
-        policy: PolicyHandle,
-        extractor: K,
-    ) -> Self {
+    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, extractor: K) -> Self {
         RateLimit {
             inner,
             shared,
-            policy,
             extractor,
         }
     }
@@ -82,7 +74,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let policy = self.policy.get();
+        let policy = self.shared.policy.get();
         if policy.is_exempt_path(request.uri().path()) {
             return ResponseFuture::call(self.inner.call(request));
         }
