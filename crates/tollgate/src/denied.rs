@@ -194,7 +194,12 @@ mod tests {
         for i in 0..1_000 {
             cache.insert(&format!("k{i}"), t0, denial(), 0, Duration::from_secs(2));
         }
-        let held = |c: &DeniedCache| c.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        let held = |c: &DeniedCache| {
+            c.shards
+                .iter()
+                .map(|s| s.lock().unwrap().len())
+                .sum::<usize>()
+        };
         assert_eq!(cache.len.load(Ordering::Relaxed), held(&cache));
         let later = t0 + Duration::from_secs(3);
         for i in 0..1_000 {
