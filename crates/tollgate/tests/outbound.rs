@@ -23,7 +23,8 @@
 //! disturb each other's timing. Tolerances are asymmetric: a rate limiter may be late under load,
 //! never early.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,6 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use tokio::task::JoinHandle;
 use tollgate::core::{DynStore, MemoryStore, Quota};
 use tollgate::outbound::{BoxError, Bucket, FixedBuckets, RateLimit, RateLimitLayer, RateLimited};
 use tollgate::redis::RedisStore;
@@ -102,15 +102,8 @@ impl UpstreamState {
 
 /// An upstream on 127.0.0.1:0 answering every path; stopped when dropped.
 struct Upstream {
-    addr: SocketAddr,
+    server: common::TestServer,
     state: Arc<UpstreamState>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 async fn handle(State(state): State<Arc<UpstreamState>>) -> Response {
@@ -156,18 +149,14 @@ impl Upstream {
         let app = Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Upstream { addr, state, task }
+        Upstream {
+            server: common::serve(app).await,
+            state,
+        }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        self.server.url(path)
     }
 
     fn hits(&self) -> Vec<Hit> {

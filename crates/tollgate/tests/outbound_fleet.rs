@@ -17,8 +17,9 @@
 //! timeout and is killed when its handle is dropped; each test starts its own `redis-server`
 //! (tollgate-testkit). The tests run one at a time ([`SERIAL`]): they measure real time.
 
+mod common;
+
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -29,7 +30,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use tokio::task::JoinHandle;
 use tollgate_testkit::RedisServer;
 
 /// The tests run one at a time: each measures real time.
@@ -64,15 +64,8 @@ struct Log {
 
 /// An upstream on 127.0.0.1:0 recording every request; stopped when dropped.
 struct Upstream {
-    addr: SocketAddr,
+    server: common::TestServer,
     log: Arc<Mutex<Log>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 async fn handle(State(log): State<Arc<Mutex<Log>>>, uri: Uri) -> Response {
@@ -104,18 +97,14 @@ impl Upstream {
             answer,
         }));
         let app = Router::new().fallback(handle).with_state(Arc::clone(&log));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Upstream { addr, log, task }
+        Upstream {
+            server: common::serve(app).await,
+            log,
+        }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        self.server.url(path)
     }
 
     fn hits(&self) -> Vec<Hit> {
