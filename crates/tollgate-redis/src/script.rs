@@ -3,8 +3,11 @@
 
 use std::sync::LazyLock;
 
-/// The whole script: helpers, the five algorithms, then the entry point.
+/// The whole script: the token-bucket fast path, helpers, the five algorithms, then the entry
+/// point.
 pub(crate) const SOURCE: &str = concat!(
+    include_str!("../lua/fast_path.lua"),
+    "\n",
     include_str!("../lua/common.lua"),
     "\n",
     include_str!("../lua/token_bucket.lua"),

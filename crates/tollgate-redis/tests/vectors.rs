@@ -45,3 +45,99 @@ async fn vectors_replay_on_a_cluster() {
     let cluster = common::cluster();
     replay(common::cluster_builder(&cluster), "cluster").await;
 }
+
+/// A small deterministic generator (64-bit LCG), so the sequence is the same on every run.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Multi-limit decisions (all or nothing, several costs, denials, a cost above a capacity) give
+/// the very decisions of the Rust model (`MemoryStore` on the same clock), on the script's
+/// token-bucket fast path (distinct token-bucket keys) and on its general path (a key listed twice,
+/// a bucket next to a window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_limit_decisions_match_the_model_on_both_script_paths() {
+    use std::time::Duration;
+    use tollgate_core::{MemoryStore, Quota};
+
+    let server = common::server();
+    let clock = ManualClock::new(Timestamp::ZERO);
+    let redis =
+        common::connect(common::standalone_builder(&server).client_clock(clock.clone())).await;
+    let memory = MemoryStore::builder().clock(clock.clone()).build();
+    let tier = Quota::per_second(3)
+        .and_then(|q| q.with_burst(5))
+        .expect("quota");
+    let route = Quota::per_period(4, Duration::from_secs(2)).expect("quota");
+    let global = Quota::per_minute(40)
+        .and_then(|q| q.with_burst(8))
+        .expect("quota");
+    let window = Quota::fixed_window(6, Duration::from_secs(1)).expect("quota");
+    // (label, limits as (key, quota)): the first two take the fast path, the others the general.
+    let cases: [(&str, Vec<(&str, &Quota)>); 4] = [
+        ("one bucket", vec![("m:one", &tier)]),
+        (
+            "three buckets",
+            vec![("m:t", &tier), ("m:r", &route), ("m:g", &global)],
+        ),
+        (
+            "a key twice",
+            vec![("m:d", &tier), ("m:d2", &route), ("m:d", &tier)],
+        ),
+        ("bucket and window", vec![("m:b", &tier), ("m:w", &window)]),
+    ];
+    let mut rng = Lcg(7);
+    let (mut allowed, mut denied, mut never) = (0, 0, 0);
+    for (label, limits) in &cases {
+        let mut now = 1_000_000_000_u64;
+        for step in 0..300 {
+            now += rng.below(400_000);
+            clock.set(Timestamp::from_micros(now));
+            let costs: Vec<u32> = limits
+                .iter()
+                .map(|_| match rng.below(20) {
+                    0 => 0,
+                    1 => 9, // above every capacity here: never
+                    n => 1 + (n % 3) as u32,
+                })
+                .collect();
+            let request: Vec<Limit<'_>> = limits
+                .iter()
+                .zip(&costs)
+                .map(|((key, quota), cost)| Limit::new(key, quota, *cost))
+                .collect();
+            let ours = redis.decide(&request).await.expect("redis decides");
+            let model = memory.decide(&request).await.expect("memory decides");
+            assert_eq!(
+                ours.decisions(),
+                model.decisions(),
+                "{label}: step {step} at {now} µs, costs {costs:?}"
+            );
+            assert_eq!(
+                ours.is_allowed(),
+                model.is_allowed(),
+                "{label}: step {step}"
+            );
+            for d in ours.decisions() {
+                match d.outcome {
+                    tollgate_core::Outcome::Allowed => allowed += 1,
+                    tollgate_core::Outcome::Denied => denied += 1,
+                    tollgate_core::Outcome::InsufficientCapacity => never += 1,
+                }
+            }
+        }
+    }
+    // The sequence reaches every outcome, so each branch of both paths was compared.
+    assert!(
+        allowed > 100 && denied > 100 && never > 20,
+        "{allowed} {denied} {never}"
+    );
+}
