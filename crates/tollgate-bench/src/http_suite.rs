@@ -1,13 +1,16 @@
 //! `http`: an axum hello-world route served in this process, bare and behind each limiter.
 //!
-//! The server runs on its own tokio runtime with one worker thread in every case; the load
-//! generator (a hyper-util legacy client, HTTP/1 with keep-alive, `CONCURRENCY` tasks in a closed
-//! loop) runs on another single-threaded runtime. The quotas are generous, so every request passes:
-//! what is measured is the cost of the limiter on an allowed request. tollgate runs with its
-//! defaults (both the IETF and the `X-RateLimit-*` headers on every response), and once more with
-//! the headers off to show what they cost.
+//! The server runs on its own tokio runtime with one worker thread in every case. The load
+//! generator is wrk when it is installed (`wrk -t1 -c32`, HTTP/1.1 keep-alive; with two or more
+//! CPUs the server process is pinned to the first and wrk to the last with `taskset`, so what is
+//! measured is the server's capacity on one core), else a built-in hyper-util client (32 tasks in a
+//! closed loop on a single-threaded runtime of this process, sharing the CPUs with the server). The
+//! quotas are generous, so every request passes: what is measured is the cost of the limiter on an
+//! allowed request. tollgate runs with its defaults (both the IETF and the `X-RateLimit-*` headers
+//! on every response), and once more with the headers off to show what they cost.
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,8 +83,188 @@ fn serve(runtime: &tokio::runtime::Runtime, app: Router) -> Result<SocketAddr, B
     Ok(addr)
 }
 
-/// Loads `addr` for `duration` after a short warm-up.
-fn load(addr: SocketAddr, duration: Duration) -> Result<Load, BoxError> {
+/// The load generator: wrk when it is installed (one thread, `CONCURRENCY` connections), else the
+/// built-in hyper client. Chosen once per run, the same for every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Generator {
+    /// `wrk -t1 -c32`, pinned to the last CPU with `taskset` when there are two or more.
+    Wrk,
+    /// A hyper-util legacy client on a single-threaded runtime of this process.
+    Hyper,
+}
+
+impl Generator {
+    /// wrk when `wrk --version` runs (it prints its banner and exits non-zero), else hyper.
+    fn detect() -> Generator {
+        match Command::new("wrk").arg("--version").output() {
+            Ok(out) if String::from_utf8_lossy(&out.stdout).contains("wrk") => Generator::Wrk,
+            _ => Generator::Hyper,
+        }
+    }
+
+    /// How the load was made, for the table.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Generator::Wrk => "wrk, 1 thread",
+            Generator::Hyper => "built-in hyper client",
+        }
+    }
+
+    fn load(self, addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Load, BoxError> {
+        match self {
+            Generator::Wrk => wrk_load(addr, duration, cpus),
+            Generator::Hyper => hyper_load(addr, duration),
+        }
+    }
+}
+
+/// Where the server and wrk run: with two or more CPUs and `taskset` present, the server process
+/// on the first CPU and wrk on the last, so neither steals the other's core and the server's
+/// capacity is what is measured (redis-server, in the Redis case, runs where the kernel puts it).
+#[derive(Debug, Clone)]
+struct Cpus {
+    server: Option<String>,
+    generator: Option<String>,
+    /// Every CPU the process had at the start (`0-N`), to give back.
+    all: String,
+}
+
+impl Cpus {
+    fn plan() -> Cpus {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let taskset = Command::new("taskset")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let all = format!("0-{}", cpus - 1);
+        if cpus >= 2 && taskset {
+            Cpus {
+                server: Some("0".to_owned()),
+                generator: Some((cpus - 1).to_string()),
+                all,
+            }
+        } else {
+            Cpus::unpinned()
+        }
+    }
+
+    /// Where the kernel puts them.
+    fn unpinned() -> Cpus {
+        Cpus {
+            server: None,
+            generator: None,
+            all: String::new(),
+        }
+    }
+
+    /// Moves every thread of this process (the server's runtime included) to the server CPU;
+    /// the returned guard gives the process every CPU back.
+    fn pin_server(&self) -> Result<Unpin, BoxError> {
+        if let Some(cpu) = &self.server {
+            set_affinity(cpu)?;
+        }
+        Ok(Unpin {
+            restore: self.server.as_ref().map(|_| self.all.clone()),
+        })
+    }
+}
+
+/// Gives the process every CPU back when dropped (the suites after `http` run unpinned).
+struct Unpin {
+    restore: Option<String>,
+}
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        if let Some(all) = &self.restore
+            && let Err(e) = set_affinity(all)
+        {
+            eprintln!("  warning: {e}");
+        }
+    }
+}
+
+/// `taskset -a -p -c CPUS <this process>`: every thread, present and future.
+fn set_affinity(cpus: &str) -> Result<(), BoxError> {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("taskset could not set this process's CPUs to {cpus}").into())
+    }
+}
+
+/// Runs wrk against `addr`: a 1 s warm-up, then `duration` (rounded up to whole seconds) measured.
+fn wrk_load(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Load, BoxError> {
+    let url = format!("http://{addr}/");
+    let run = |d: Duration| -> Result<String, BoxError> {
+        let mut cmd = match &cpus.generator {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpu, "wrk"]);
+                c
+            }
+            None => Command::new("wrk"),
+        };
+        let out = cmd
+            .args(["-t1", &format!("-c{CONCURRENCY}")])
+            // wrk counts whole seconds.
+            .arg(format!("-d{}s", d.as_secs_f64().ceil().max(1.0)))
+            .args(["--latency", &url])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(
+                format!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr)).into(),
+            );
+        }
+        Ok(text)
+    };
+    run(Duration::from_secs(1))?;
+    let text = run(duration)?;
+    parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output: {text}").into())
+}
+
+/// Parses wrk's `--latency` report: `Requests/sec`, the 50 % and 99 % latencies; `None` when a
+/// line is missing or wrk saw errors or non-2xx answers (every request is meant to pass).
+fn parse_wrk(text: &str) -> Option<Load> {
+    if text.contains("Non-2xx") || text.contains("Socket errors") {
+        return None;
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let per_sec = field("Requests/sec:")?.parse::<f64>().ok()?;
+    Some(Load {
+        per_sec,
+        p50: wrk_duration(field("50%")?)?,
+        p99: wrk_duration(field("99%")?)?,
+    })
+}
+
+/// wrk's durations: `412.00us`, `1.20ms`, `2.00s`, `1.50m`.
+fn wrk_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (value, unit) = text.split_at(split);
+    let value: f64 = value.parse().ok()?;
+    let seconds = match unit {
+        "us" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(seconds))
+}
+
+/// Loads `addr` with the built-in hyper client for `duration` after a short warm-up.
+fn hyper_load(addr: SocketAddr, duration: Duration) -> Result<Load, BoxError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -120,7 +303,13 @@ const CASES: [&str; 5] = [
 ];
 
 /// Serves one case and loads it.
-fn measure_case(case: &str, redis: &RedisServer, duration: Duration) -> Result<Load, BoxError> {
+fn measure_case(
+    case: &str,
+    redis: &RedisServer,
+    duration: Duration,
+    generator: Generator,
+    cpus: &Cpus,
+) -> Result<Load, BoxError> {
     // One worker thread in every case, nothing left over from the last case.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -137,7 +326,7 @@ fn measure_case(case: &str, redis: &RedisServer, duration: Duration) -> Result<L
         _ => governed()?,
     };
     let addr = serve(&runtime, app)?;
-    let measured = load(addr, duration);
+    let measured = generator.load(addr, duration, cpus);
     runtime.shutdown_timeout(Duration::from_secs(1));
     measured
 }
@@ -152,12 +341,29 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
         (5, Duration::from_secs(1))
     };
     let redis = RedisServer::start()?;
+    let generator = Generator::detect();
+    // Pinning keeps the server and wrk apart; the built-in client runs in this process, so it
+    // shares the CPUs with the server as the kernel sees fit.
+    let cpus = if generator == Generator::Wrk {
+        Cpus::plan()
+    } else {
+        Cpus::unpinned()
+    };
+    let _unpin = cpus.pin_server()?;
+    eprintln!(
+        "  load generator: {}{}",
+        generator.describe(),
+        match (&cpus.server, &cpus.generator) {
+            (Some(s), Some(g)) => format!(" on CPU {g}, server on CPU {s}"),
+            _ => String::new(),
+        }
+    );
     let mut samples: Vec<(&str, Vec<Load>)> = CASES.iter().map(|c| (*c, Vec::new())).collect();
     for round in 0..rounds {
         // Each round starts with a different case, so no case always runs first or last.
         for i in 0..samples.len() {
             let (case, loads) = &mut samples[(i + round) % CASES.len()];
-            let measured = measure_case(case, &redis, duration)?;
+            let measured = measure_case(case, &redis, duration, generator, &cpus)?;
             eprintln!("  http {case} (round {}): {}", round + 1, measured.text());
             loads.push(measured);
         }
@@ -181,7 +387,13 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
         get("tower_governor")?,
     );
     let value = |l: &Load| format!("{} req/s (p99 {})", thousands(l.per_sec), ms(l.p99));
-    let conc = format!("{CONCURRENCY} connections");
+    let conc = format!(
+        "{CONCURRENCY} connections, {}",
+        match generator {
+            Generator::Wrk => "wrk",
+            Generator::Hyper => "hyper client",
+        }
+    );
     Ok(vec![
         Row {
             case: format!("http: tollgate MemoryStore (req/s, {conc})"),
@@ -226,4 +438,51 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             ratio: throughput_ratio(redis.per_sec, governor.per_sec),
         },
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = "Running 1s test @ http://127.0.0.1:40000/
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   351.20us  120.11us   4.28ms   90.12%
+    Req/Sec    90.12k     2.01k   93.00k    80.00%
+  Latency Distribution
+     50%  331.00us
+     75%  380.00us
+     90%  450.00us
+     99%    1.02ms
+  90662 requests in 1.00s, 11.24MB read
+Requests/sec:  90561.23
+Transfer/sec:     11.22MB
+";
+
+    #[test]
+    fn parses_a_wrk_report() {
+        let load = parse_wrk(REPORT).expect("parsed");
+        assert!((load.per_sec - 90_561.23).abs() < 1e-6);
+        assert_eq!(load.p50, Duration::from_micros(331));
+        assert_eq!(load.p99, Duration::from_micros(1020));
+    }
+
+    #[test]
+    fn refuses_a_wrk_report_with_failures() {
+        let failed = REPORT.replace(
+            "Requests/sec",
+            "  Non-2xx or 3xx responses: 12\nRequests/sec",
+        );
+        assert!(parse_wrk(&failed).is_none());
+        assert!(parse_wrk("garbage").is_none());
+    }
+
+    #[test]
+    fn reads_wrk_durations() {
+        assert_eq!(wrk_duration("412.00us"), Some(Duration::from_micros(412)));
+        assert_eq!(wrk_duration("2.00s"), Some(Duration::from_secs(2)));
+        assert_eq!(wrk_duration("1.50m"), Some(Duration::from_secs(90)));
+        assert_eq!(wrk_duration("12"), None);
+        assert_eq!(wrk_duration("3.0h"), None);
+    }
 }

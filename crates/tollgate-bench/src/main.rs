@@ -12,7 +12,8 @@
 //!   tollgate's own script with `EVALSHA` (the ceiling) and against the naive approach of a
 //!   `GET` and a `SET` per limit.
 //! * `http`: requests per second and p99 of an axum hello-world route: bare, behind tollgate (in
-//!   memory and on Redis) and behind `tower_governor`, loaded by a built-in hyper client.
+//!   memory and on Redis) and behind `tower_governor`, loaded by wrk when it is installed (on its
+//!   own CPU), else by a built-in hyper client.
 //! * `flood`: the share of store calls the denied-until cache saves while one caller floods past
 //!   its limit.
 //!
