@@ -33,7 +33,7 @@ use tower_governor::key_extractor::GlobalKeyExtractor;
 
 use crate::BoxError;
 use crate::load::{Load, drive, median_load};
-use crate::report::{Row, ms, thousands, throughput_ratio};
+use crate::report::{Row, median, ms, thousands, throughput_ratio, time_ratio};
 
 /// Requests in flight at any time (one keep-alive connection each).
 const CONCURRENCY: usize = 32;
@@ -110,12 +110,23 @@ impl Generator {
         }
     }
 
-    fn load(self, addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Load, BoxError> {
+    fn load(self, addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Measured, BoxError> {
         match self {
             Generator::Wrk => wrk_load(addr, duration, cpus),
-            Generator::Hyper => hyper_load(addr, duration),
+            Generator::Hyper => Ok(Measured {
+                load: hyper_load(addr, duration)?,
+                cpu_per_request: None,
+            }),
         }
     }
+}
+
+/// One case's load run.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    load: Load,
+    /// The server's CPU time per request (wrk only: the built-in client runs in this process).
+    cpu_per_request: Option<Duration>,
 }
 
 /// Where the server and wrk run: with two or more CPUs and `taskset` present, the server process
@@ -198,7 +209,7 @@ fn set_affinity(cpus: &str) -> Result<(), BoxError> {
 }
 
 /// Runs wrk against `addr`: a 1 s warm-up, then `duration` (rounded up to whole seconds) measured.
-fn wrk_load(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Load, BoxError> {
+fn wrk_load(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Measured, BoxError> {
     let url = format!("http://{addr}/");
     let run = |d: Duration| -> Result<String, BoxError> {
         let mut cmd = match &cpus.generator {
@@ -224,8 +235,43 @@ fn wrk_load(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Load, B
         Ok(text)
     };
     run(Duration::from_secs(1))?;
+    let cpu_before = server_cpu();
     let text = run(duration)?;
-    parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output: {text}").into())
+    let cpu_after = server_cpu();
+    let load = parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output: {text}"))?;
+    let cpu_per_request = match (cpu_before, cpu_after, wrk_requests(&text)) {
+        (Some(before), Some(after), Some(n)) if n > 0 && after > before => {
+            Some((after - before) / u32::try_from(n).unwrap_or(u32::MAX))
+        }
+        _ => None,
+    };
+    Ok(Measured {
+        load,
+        cpu_per_request,
+    })
+}
+
+/// The CPU time every thread of this process has run so far (`/proc/self/task/*/schedstat`,
+/// nanoseconds), Linux only. During a wrk run this process is only the server, so the difference
+/// over the run is the server's CPU time; unlike the throughput it leaves out the time the VM
+/// spends elsewhere, so it is the steadier measure of what a request costs.
+fn server_cpu() -> Option<Duration> {
+    let mut total = 0_u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// wrk's `90662 requests in 1.00s, ...` line: the number of requests.
+fn wrk_requests(text: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.contains(" requests in "))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Parses wrk's `--latency` report: `Requests/sec`, the 50 % and 99 % latencies; `None` when a
@@ -309,7 +355,7 @@ fn measure_case(
     duration: Duration,
     generator: Generator,
     cpus: &Cpus,
-) -> Result<Load, BoxError> {
+) -> Result<Measured, BoxError> {
     // One worker thread in every case, nothing left over from the last case.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -338,7 +384,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     let (rounds, duration) = if quick {
         (2, Duration::from_millis(700))
     } else {
-        (5, Duration::from_secs(1))
+        (5, Duration::from_secs(2))
     };
     let redis = RedisServer::start()?;
     let generator = Generator::detect();
@@ -358,27 +404,45 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             _ => String::new(),
         }
     );
-    let mut samples: Vec<(&str, Vec<Load>)> = CASES.iter().map(|c| (*c, Vec::new())).collect();
+    let mut samples: Vec<(&str, Vec<Measured>)> = CASES.iter().map(|c| (*c, Vec::new())).collect();
     for round in 0..rounds {
         // Each round starts with a different case, so no case always runs first or last.
         for i in 0..samples.len() {
-            let (case, loads) = &mut samples[(i + round) % CASES.len()];
+            let (case, runs) = &mut samples[(i + round) % CASES.len()];
             let measured = measure_case(case, &redis, duration, generator, &cpus)?;
-            eprintln!("  http {case} (round {}): {}", round + 1, measured.text());
-            loads.push(measured);
+            eprintln!(
+                "  http {case} (round {}): {}{}",
+                round + 1,
+                measured.load.text(),
+                measured
+                    .cpu_per_request
+                    .map(|c| format!(", server CPU {:.2} µs/request", c.as_secs_f64() * 1e6))
+                    .unwrap_or_default()
+            );
+            runs.push(measured);
         }
     }
-    let results: Vec<(&str, Load)> = samples
+    // Medians: throughput and latencies field by field; CPU per request likewise.
+    let results: Vec<(&str, Load, Option<f64>)> = samples
         .into_iter()
-        .map(|(case, loads)| (case, median_load(&loads)))
+        .map(|(case, runs)| {
+            let loads: Vec<Load> = runs.iter().map(|m| m.load).collect();
+            let mut cpu: Vec<f64> = runs
+                .iter()
+                .filter_map(|m| m.cpu_per_request.map(|c| c.as_secs_f64() * 1e6))
+                .collect();
+            let cpu = (cpu.len() == runs.len()).then(|| median(&mut cpu));
+            (case, median_load(&loads), cpu)
+        })
         .collect();
-    let get = |name: &str| {
+    let find = |name: &str| {
         results
             .iter()
-            .find(|(case, _)| *case == name)
-            .map(|(_, load)| *load)
+            .find(|(case, ..)| *case == name)
             .ok_or_else(|| format!("no result for {name}"))
     };
+    let get = |name: &str| find(name).map(|(_, load, _)| *load);
+    let cpu_of = |name: &str| find(name).map(|(.., cpu)| *cpu);
     let (bare, memory, quiet, redis, governor) = (
         get("bare")?,
         get("memory")?,
@@ -394,7 +458,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             Generator::Hyper => "hyper client",
         }
     );
-    Ok(vec![
+    let mut rows = vec![
         Row {
             case: format!("http: tollgate MemoryStore (req/s, {conc})"),
             tollgate: value(&memory),
@@ -437,7 +501,34 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             peer_value: value(&governor),
             ratio: throughput_ratio(redis.per_sec, governor.per_sec),
         },
-    ])
+    ];
+    // With wrk on its own CPU: the server's CPU time per request, the steadier measure (the
+    // Redis case is left out: its decisions are spent in redis-server, not in this process).
+    if let (Some(bare), Some(governor)) = (cpu_of("bare")?, cpu_of("tower_governor")?) {
+        let us = |v: f64| format!("{v:.2} µs");
+        for (name, label) in [
+            ("memory", "tollgate MemoryStore"),
+            (
+                "memory-no-headers",
+                "tollgate MemoryStore, no rate-limit headers",
+            ),
+        ] {
+            let Some(ours) = cpu_of(name)? else { continue };
+            for (peer, peer_cpu) in [
+                ("bare axum", bare),
+                ("tower_governor (global key)", governor),
+            ] {
+                rows.push(Row {
+                    case: format!("http: {label} (server CPU per request, {conc})"),
+                    tollgate: us(ours),
+                    peer: peer.into(),
+                    peer_value: us(peer_cpu),
+                    ratio: time_ratio(ours, peer_cpu),
+                });
+            }
+        }
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]
