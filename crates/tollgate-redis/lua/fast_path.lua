@@ -5,6 +5,18 @@
 -- with token_bucket.lua) answers, in the same reply shape; the test vectors run through it.
 -- Anything else falls through to the general path below.
 
+-- floor(a / b) for non-negative integers, exact even where a / b rounds up to an integer. Used by
+-- every part of the script, so defined first.
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+
 if ARGV[1] == 'decide' then
   local n = #KEYS
   local fast = n > 0
@@ -31,16 +43,6 @@ if ARGV[1] == 'decide' then
       local t = redis.call('TIME')
       now = tonumber(t[1]) * 1000000 + tonumber(t[2])
     end
-    -- floor(a / b), exact for non-negative integers below 2^53 (as idiv in common.lua).
-    local function fdiv(a, b)
-      local q = math.floor(a / b)
-      if q * b > a then
-        q = q - 1
-      elseif (q + 1) * b <= a then
-        q = q + 1
-      end
-      return q
-    end
     local vals = redis.call('MGET', unpack(KEYS))
     -- { status, now, wait, then per limit: outcome, limit, remaining, reset_after, retry_after,
     --   delay, tat before, tat after }
@@ -65,12 +67,12 @@ if ARGV[1] == 'decide' then
       local o = 3 + (i - 1) * 8
       if cost > limit then
         all = false
-        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 2, fdiv(left, t), used, 0
+        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 2, idiv(left, t), used, 0
       elseif needed <= tau then
-        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 0, fdiv(tau - needed, t), needed, 0
+        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 0, idiv(tau - needed, t), needed, 0
       else
         all = false
-        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 1, fdiv(left, t), used, needed - tau
+        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 1, idiv(left, t), used, needed - tau
       end
       out[o + 2], out[o + 6], out[o + 7], out[o + 8] = limit, 0, tat, 0
     end
@@ -84,7 +86,7 @@ if ARGV[1] == 'decide' then
         local limit, t, cost = tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]), tonumber(ARGV[p + 5])
         if not all then
           local used = out[o + 4] - t * cost
-          out[o + 3], out[o + 4] = fdiv(t * limit - used, t), used
+          out[o + 3], out[o + 4] = idiv(t * limit - used, t), used
         elseif cost > 0 then
           local next_tat = now + out[o + 4]
           out[o + 7], out[o + 8] = tat, next_tat
