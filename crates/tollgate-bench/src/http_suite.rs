@@ -170,22 +170,22 @@ impl Cpus {
 
     /// Moves every thread of this process (the server's runtime included) to the server CPU;
     /// the returned guard gives the process every CPU back.
-    fn pin_server(&self) -> Result<Unpin, BoxError> {
+    fn pin_server(&self) -> Result<RestoreAffinity, BoxError> {
         if let Some(cpu) = &self.server {
             set_affinity(cpu)?;
         }
-        Ok(Unpin {
+        Ok(RestoreAffinity {
             restore: self.server.as_ref().map(|_| self.all.clone()),
         })
     }
 }
 
 /// Gives the process every CPU back when dropped (the suites after `http` run unpinned).
-struct Unpin {
+struct RestoreAffinity {
     restore: Option<String>,
 }
 
-impl Drop for Unpin {
+impl Drop for RestoreAffinity {
     fn drop(&mut self) {
         if let Some(all) = &self.restore
             && let Err(e) = set_affinity(all)
@@ -384,7 +384,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     let (rounds, duration) = if quick {
         (2, Duration::from_millis(700))
     } else {
-        (5, Duration::from_secs(2))
+        (8, Duration::from_secs(2))
     };
     let redis = RedisServer::start()?;
     let generator = Generator::detect();
@@ -395,7 +395,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     } else {
         Cpus::unpinned()
     };
-    let _unpin = cpus.pin_server()?;
+    let _restore = cpus.pin_server()?;
     eprintln!(
         "  load generator: {}{}",
         generator.describe(),
