@@ -1,16 +1,18 @@
 //! `http`: an axum hello-world route served in this process, bare and behind each limiter.
 //!
-//! The server runs on its own tokio runtime with one worker thread in every case. The load
-//! generator is wrk when it is installed (`wrk -t1 -c32`, HTTP/1.1 keep-alive; with two or more
-//! CPUs the server process is pinned to the first and wrk to the last with `taskset`, so what is
-//! measured is the server's capacity on one core), else a built-in hyper-util client (32 tasks in a
-//! closed loop on a single-threaded runtime of this process, sharing the CPUs with the server). The
+//! Every measurement starts the server in a fresh child process (this binary with `--serve CASE`),
+//! on a tokio runtime with one worker thread, so no heap state is carried from one case or suite to
+//! the next. The load generator is wrk when it is installed (`wrk -t1 -c32`, HTTP/1.1 keep-alive;
+//! with two or more CPUs the server is pinned to the first and wrk to the last with `taskset`, so
+//! what is measured is the server's capacity on one core), else a built-in hyper-util client (32
+//! tasks in a closed loop on a single-threaded runtime of this process). The
 //! quotas are generous, so every request passes: what is measured is the cost of the limiter on an
 //! allowed request. tollgate runs with its defaults (both the IETF and the `X-RateLimit-*` headers
 //! on every response), and once more with the headers off to show what they cost.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,14 +75,90 @@ fn governed() -> Result<Router, BoxError> {
     Ok(bare().layer(GovernorLayer::new(Arc::new(config))))
 }
 
-/// Serves `app` on 127.0.0.1:0 on `runtime`; the server stops with the runtime.
-fn serve(runtime: &tokio::runtime::Runtime, app: Router) -> Result<SocketAddr, BoxError> {
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
-    runtime.spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(addr)
+/// The hidden first argument that makes the runner serve one case instead of measuring: the
+/// parent starts `tollgate-bench --serve CASE REDIS_URL` once per measurement, so every case runs
+/// in a fresh process (no heap or allocator state carried over from earlier cases or suites).
+pub(crate) const SERVE_FLAG: &str = "--serve";
+
+/// The child's side: serves `case` on 127.0.0.1:0 with one runtime worker thread, prints
+/// `listening ADDR` and serves until the parent kills it.
+pub(crate) fn serve_child(args: &[String]) -> Result<(), BoxError> {
+    let [case, redis_url] = args else {
+        return Err(format!("usage: tollgate-bench {SERVE_FLAG} CASE REDIS_URL").into());
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let app = match case.as_str() {
+        "bare" => bare(),
+        "memory" => bare().layer(tollgate_layer(MemoryStore::new(), HeaderMode::default())?),
+        "memory-no-headers" => bare().layer(tollgate_layer(MemoryStore::new(), HeaderMode::None)?),
+        "redis" => {
+            let store = runtime.block_on(RedisStore::builder(redis_url.as_str()).connect())?;
+            bare().layer(tollgate_layer(store, HeaderMode::default())?)
+        }
+        "tower_governor" => governed()?,
+        other => return Err(format!("unknown case `{other}`").into()),
+    };
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("listening {}", listener.local_addr()?);
+        std::io::Write::flush(&mut std::io::stdout())?;
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+/// A server child process, killed when dropped.
+struct Child {
+    process: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Child {
+    /// Starts the server of `case` (on the server CPU when pinning) and waits for its address.
+    fn start(case: &str, redis_url: &str, cpus: &Cpus) -> Result<Child, BoxError> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = match &cpus.server {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpu]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut process = cmd
+            .args([SERVE_FLAG, case, redis_url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = process.stdout.take() {
+            BufReader::new(out).read_line(&mut line)?;
+        }
+        let addr = line.trim().strip_prefix("listening ").map(str::parse);
+        match addr {
+            Some(Ok(addr)) => Ok(Child { process, addr }),
+            _ => {
+                let _ = process.kill();
+                let _ = process.wait();
+                Err(format!("the `{case}` server did not start (it said {line:?})").into())
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.id()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
 
 /// The load generator: wrk when it is installed (one thread, `CONCURRENCY` connections), else the
@@ -110,11 +188,11 @@ impl Generator {
         }
     }
 
-    fn load(self, addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Measured, BoxError> {
+    fn load(self, server: &Child, duration: Duration, cpus: &Cpus) -> Result<Measured, BoxError> {
         match self {
-            Generator::Wrk => wrk_load(addr, duration, cpus),
+            Generator::Wrk => wrk_load(server, duration, cpus),
             Generator::Hyper => Ok(Measured {
-                load: hyper_load(addr, duration)?,
+                load: hyper_load(server.addr, duration)?,
                 cpu_per_request: None,
             }),
         }
@@ -125,7 +203,8 @@ impl Generator {
 #[derive(Debug, Clone, Copy)]
 struct Measured {
     load: Load,
-    /// The server's CPU time per request (wrk only: the built-in client runs in this process).
+    /// The server's CPU time per request (with wrk; the built-in client does not count requests
+    /// exactly).
     cpu_per_request: Option<Duration>,
 }
 
@@ -136,8 +215,6 @@ struct Measured {
 struct Cpus {
     server: Option<String>,
     generator: Option<String>,
-    /// Every CPU the process had at the start (`0-N`), to give back.
-    all: String,
 }
 
 impl Cpus {
@@ -147,12 +224,10 @@ impl Cpus {
             .arg("-V")
             .output()
             .is_ok_and(|o| o.status.success());
-        let all = format!("0-{}", cpus - 1);
         if cpus >= 2 && taskset {
             Cpus {
                 server: Some("0".to_owned()),
                 generator: Some((cpus - 1).to_string()),
-                all,
             }
         } else {
             Cpus::unpinned()
@@ -164,52 +239,13 @@ impl Cpus {
         Cpus {
             server: None,
             generator: None,
-            all: String::new(),
         }
-    }
-
-    /// Moves every thread of this process (the server's runtime included) to the server CPU;
-    /// the returned guard gives the process every CPU back.
-    fn pin_server(&self) -> Result<RestoreAffinity, BoxError> {
-        if let Some(cpu) = &self.server {
-            set_affinity(cpu)?;
-        }
-        Ok(RestoreAffinity {
-            restore: self.server.as_ref().map(|_| self.all.clone()),
-        })
-    }
-}
-
-/// Gives the process every CPU back when dropped (the suites after `http` run unpinned).
-struct RestoreAffinity {
-    restore: Option<String>,
-}
-
-impl Drop for RestoreAffinity {
-    fn drop(&mut self) {
-        if let Some(all) = &self.restore
-            && let Err(e) = set_affinity(all)
-        {
-            eprintln!("  warning: {e}");
-        }
-    }
-}
-
-/// `taskset -a -p -c CPUS <this process>`: every thread, present and future.
-fn set_affinity(cpus: &str) -> Result<(), BoxError> {
-    let status = Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("taskset could not set this process's CPUs to {cpus}").into())
     }
 }
 
 /// Runs wrk against `addr`: a 1 s warm-up, then `duration` (rounded up to whole seconds) measured.
-fn wrk_load(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Measured, BoxError> {
+fn wrk_load(server: &Child, duration: Duration, cpus: &Cpus) -> Result<Measured, BoxError> {
+    let addr = server.addr;
     let url = format!("http://{addr}/");
     let run = |d: Duration| -> Result<String, BoxError> {
         let mut cmd = match &cpus.generator {
@@ -235,9 +271,9 @@ fn wrk_load(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Measure
         Ok(text)
     };
     run(Duration::from_secs(1))?;
-    let cpu_before = server_cpu();
+    let cpu_before = process_cpu(server.pid());
     let text = run(duration)?;
-    let cpu_after = server_cpu();
+    let cpu_after = process_cpu(server.pid());
     let load = parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output: {text}"))?;
     let cpu_per_request = match (cpu_before, cpu_after, wrk_requests(&text)) {
         (Some(before), Some(after), Some(n)) if n > 0 && after > before => {
@@ -251,13 +287,13 @@ fn wrk_load(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<Measure
     })
 }
 
-/// The CPU time every thread of this process has run so far (`/proc/self/task/*/schedstat`,
-/// nanoseconds), Linux only. During a wrk run this process is only the server, so the difference
-/// over the run is the server's CPU time; unlike the throughput it leaves out the time the VM
-/// spends elsewhere, so it is the steadier measure of what a request costs.
-fn server_cpu() -> Option<Duration> {
+/// The CPU time every thread of process `pid` has run so far (`/proc/PID/task/*/schedstat`,
+/// nanoseconds), Linux only. Over a wrk run the difference is the server's CPU time; unlike the
+/// throughput it leaves out the time the VM spends elsewhere, so it is the steadier measure of what
+/// a request costs.
+fn process_cpu(pid: u32) -> Option<Duration> {
     let mut total = 0_u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
         total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
@@ -337,7 +373,7 @@ fn hyper_load(addr: SocketAddr, duration: Duration) -> Result<Load, BoxError> {
     })
 }
 
-/// The cases, each served by a fresh server runtime.
+/// The cases, each served by a fresh server process.
 /// `memory-no-headers` shows how much of tollgate's cost is its five rate-limit headers
 /// (tower_governor sends none on an allowed request).
 const CASES: [&str; 5] = [
@@ -348,7 +384,7 @@ const CASES: [&str; 5] = [
     "tower_governor",
 ];
 
-/// Serves one case and loads it.
+/// Serves one case in a fresh child process and loads it.
 fn measure_case(
     case: &str,
     redis: &RedisServer,
@@ -356,25 +392,8 @@ fn measure_case(
     generator: Generator,
     cpus: &Cpus,
 ) -> Result<Measured, BoxError> {
-    // One worker thread in every case, nothing left over from the last case.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let app = match case {
-        "bare" => bare(),
-        "memory" => bare().layer(tollgate_layer(MemoryStore::new(), HeaderMode::default())?),
-        "memory-no-headers" => bare().layer(tollgate_layer(MemoryStore::new(), HeaderMode::None)?),
-        "redis" => {
-            let store = runtime.block_on(RedisStore::builder(redis.url()).connect())?;
-            bare().layer(tollgate_layer(store, HeaderMode::default())?)
-        }
-        _ => governed()?,
-    };
-    let addr = serve(&runtime, app)?;
-    let measured = generator.load(addr, duration, cpus);
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    measured
+    let server = Child::start(case, &redis.url(), cpus)?;
+    generator.load(&server, duration, cpus)
 }
 
 /// Runs the http suite.
@@ -395,7 +414,6 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     } else {
         Cpus::unpinned()
     };
-    let _restore = cpus.pin_server()?;
     eprintln!(
         "  load generator: {}{}",
         generator.describe(),

@@ -175,7 +175,18 @@ fn run(args: &Args) -> Result<(), BoxError> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    // The http suite's server children (see `http_suite::SERVE_FLAG`).
+    if raw.first().map(String::as_str) == Some(http_suite::SERVE_FLAG) {
+        return match http_suite::serve_child(&raw[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("server error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let args = match parse_args(raw) {
         Ok(args) => args,
         Err(message) => {
             eprintln!("{message}");
