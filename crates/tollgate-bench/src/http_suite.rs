@@ -81,11 +81,16 @@ fn governed() -> Result<Router, BoxError> {
 pub(crate) const SERVE_FLAG: &str = "--serve";
 
 /// The child's side: serves `case` on 127.0.0.1:0 with one runtime worker thread, prints
-/// `listening ADDR` and serves until the parent kills it.
+/// `listening ADDR` and serves until the parent kills it or goes away (its end of our stdin
+/// closes, even when it is killed itself, so no server outlives an interrupted run).
 pub(crate) fn serve_child(args: &[String]) -> Result<(), BoxError> {
     let [case, redis_url] = args else {
         return Err(format!("usage: tollgate-bench {SERVE_FLAG} CASE REDIS_URL").into());
     };
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -130,7 +135,8 @@ impl Child {
         };
         let mut process = cmd
             .args([SERVE_FLAG, case, redis_url])
-            .stdin(Stdio::null())
+            // Held open for the child's life: it exits when this end closes.
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
