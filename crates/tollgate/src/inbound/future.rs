@@ -10,7 +10,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::engine::{After, Next, Shared, unauthorized};
+use super::engine::{After, Next, Plan, Shared, unauthorized};
 use super::identity::{Identity, Rejection};
 use super::policy::Policy;
 use crate::body::ResponseBody;
@@ -27,9 +27,10 @@ struct Pending<S, B> {
 pin_project! {
     /// The response future of [`RateLimit`](super::RateLimit).
     ///
-    /// A hand-written state machine: with a built-in key extractor and the in-memory store the
-    /// decision is made on the first poll without boxing anything; a store that does I/O (Redis)
-    /// is awaited through one boxed future.
+    /// A hand-written state machine. With a built-in key extractor and the in-memory store the
+    /// decision is made in `call` and the future only carries the inner service's call (or the
+    /// answer, or a shaping delay); an extractor that may wait is polled here first; a store
+    /// that does I/O (Redis) is awaited through one boxed future.
     pub struct ResponseFuture<F, S, B, KF> {
         #[pin]
         state: State<F, S, B, KF>,
@@ -91,6 +92,58 @@ impl<F, S, B, KF> ResponseFuture<F, S, B, KF> {
     pub(crate) fn call(call: F) -> Self {
         ResponseFuture {
             state: State::Call { call, after: None },
+        }
+    }
+
+    /// The inner service was called already; `after` adds the headers to its response.
+    pub(crate) fn forwarded(call: F, after: Option<After>) -> Self {
+        ResponseFuture {
+            state: State::Call { call, after },
+        }
+    }
+
+    /// Answered without the inner service.
+    pub(crate) fn respond(response: Response<Bytes>) -> Self {
+        ResponseFuture {
+            state: State::Respond {
+                response: Some(response),
+            },
+        }
+    }
+
+    /// Decided already (`next`), by the caller of `call`, with the inner service still to call.
+    pub(crate) fn decided(next: Next, inner: S, request: Request<B>, shared: Arc<Shared>) -> Self
+    where
+        S: Service<Request<B>, Future = F>,
+    {
+        ResponseFuture {
+            state: Self::advance(
+                next,
+                Pending {
+                    inner,
+                    request,
+                    shared,
+                },
+            ),
+        }
+    }
+
+    /// To decide on a store that does I/O.
+    pub(crate) fn deciding(
+        plan: Box<Plan>,
+        inner: S,
+        request: Request<B>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Decide {
+                decision: Box::pin(Arc::clone(&shared).decide(plan)),
+                pending: Some(Pending {
+                    inner,
+                    request,
+                    shared,
+                }),
+            },
         }
     }
 }

@@ -91,6 +91,16 @@ pub trait KeyExtractor<B>: Clone + Send + Sync + 'static {
 
     /// Starts finding the identity of `request`.
     fn extract(&self, request: &Request<B>) -> Self::Future;
+
+    /// The identity of `request` when it is known without waiting (no I/O), else `None` (the
+    /// default). When it is known, and the store also decides without I/O (`MemoryStore`), the
+    /// layer decides in `call` and calls the inner service straight away: no clone of it and no
+    /// extra states. The built-in extractors answer here; [`extract`](Self::extract) must give the
+    /// same answer.
+    fn extract_now(&self, request: &Request<B>) -> Option<Result<Identity, Rejection>> {
+        let _ = request;
+        None
+    }
 }
 
 impl<B, F, Fut> KeyExtractor<B> for F
@@ -170,6 +180,10 @@ impl<B> KeyExtractor<B> for ClientIp {
     fn extract(&self, request: &Request<B>) -> Self::Future {
         ready(Ok(self.identity(request)))
     }
+
+    fn extract_now(&self, request: &Request<B>) -> Option<Result<Identity, Rejection>> {
+        Some(Ok(self.identity(request)))
+    }
 }
 
 /// One key for every request (a limit on the whole service).
@@ -185,16 +199,26 @@ impl Global {
     }
 }
 
+impl Global {
+    fn identity(&self) -> Identity {
+        let mut key = key_buffer("global".len(), &self.tier);
+        key.push_str("global");
+        Identity {
+            key,
+            tier: Arc::clone(&self.tier),
+        }
+    }
+}
+
 impl<B> KeyExtractor<B> for Global {
     type Future = Ready<Result<Identity, Rejection>>;
 
     fn extract(&self, _request: &Request<B>) -> Self::Future {
-        let mut key = key_buffer("global".len(), &self.tier);
-        key.push_str("global");
-        ready(Ok(Identity {
-            key,
-            tier: Arc::clone(&self.tier),
-        }))
+        ready(Ok(self.identity()))
+    }
+
+    fn extract_now(&self, _request: &Request<B>) -> Option<Result<Identity, Rejection>> {
+        Some(Ok(self.identity()))
     }
 }
 
@@ -217,7 +241,17 @@ impl<B> KeyExtractor<B> for HeaderValueKey {
     type Future = Ready<Result<Identity, Rejection>>;
 
     fn extract(&self, request: &Request<B>) -> Self::Future {
-        ready(Ok(match request.headers().get(&self.header) {
+        ready(Ok(self.identity(request)))
+    }
+
+    fn extract_now(&self, request: &Request<B>) -> Option<Result<Identity, Rejection>> {
+        Some(Ok(self.identity(request)))
+    }
+}
+
+impl HeaderValueKey {
+    fn identity<B>(&self, request: &Request<B>) -> Identity {
+        match request.headers().get(&self.header) {
             // Any bytes will do as a key: non-UTF-8 is hex-escaped by the lossless debug form.
             Some(value) => Identity {
                 key: prefixed_key(
@@ -228,7 +262,7 @@ impl<B> KeyExtractor<B> for HeaderValueKey {
                 tier: Arc::clone(&self.fallback.tier),
             },
             None => self.fallback.identity(request),
-        }))
+        }
     }
 }
 
@@ -300,14 +334,24 @@ impl<B> KeyExtractor<B> for ApiKeys {
     type Future = Ready<Result<Identity, Rejection>>;
 
     fn extract(&self, request: &Request<B>) -> Self::Future {
+        ready(self.identify(request))
+    }
+
+    fn extract_now(&self, request: &Request<B>) -> Option<Result<Identity, Rejection>> {
+        Some(self.identify(request))
+    }
+}
+
+impl ApiKeys {
+    fn identify<B>(&self, request: &Request<B>) -> Result<Identity, Rejection> {
         let table = self.current();
         let Some(presented) = Self::presented(request) else {
-            return ready(Ok(table.anonymous.identity(request)));
+            return Ok(table.anonymous.identity(request));
         };
         let entry = std::str::from_utf8(presented)
             .ok()
             .and_then(|k| table.keys.get(k.trim()));
-        ready(match entry {
+        match entry {
             Some(entry) => Ok(Identity {
                 key: prefixed_key("user:", &entry.user, &entry.tier),
                 tier: Arc::clone(&entry.tier),
@@ -315,7 +359,7 @@ impl<B> KeyExtractor<B> for ApiKeys {
             None => Err(Rejection::Unauthorized {
                 detail: "The API key is not known.".to_owned(),
             }),
-        })
+        }
     }
 }
 

@@ -43,7 +43,9 @@
 //!    never a hang.
 //!
 //! Rejections are ordinary responses, so the service's error type is the inner one's: axum needs
-//! no `HandleErrorLayer`. `poll_ready` only forwards; the decision is made in the response future.
+//! no `HandleErrorLayer`. `poll_ready` only forwards. The decision is made in `call` when the
+//! caller's identity and the store answer at once (the built-in extractors with `MemoryStore`),
+//! else in the response future.
 
 mod engine;
 mod future;

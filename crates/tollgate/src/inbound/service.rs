@@ -6,9 +6,9 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::engine::Shared;
+use super::engine::{Next, Shared, unauthorized};
 use super::future::ResponseFuture;
-use super::identity::KeyExtractor;
+use super::identity::{KeyExtractor, Rejection};
 use crate::body::ResponseBody;
 
 /// Rate-limits the requests to an inner service: see the [module docs](super).
@@ -56,6 +56,16 @@ impl<S, K> RateLimit<S, K> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// The inner service, made ready by `poll_ready`, for a future to call later; a fresh clone
+    /// takes its place (made ready by the next `poll_ready`).
+    fn take_inner(&mut self) -> S
+    where
+        S: Clone,
+    {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
 }
 
 impl<S, K, B, ResBody> Service<Request<B>> for RateLimit<S, K>
@@ -67,21 +77,51 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, S, B, K::Future>;
 
-    /// Only forwards: inbound limiting never waits for readiness; the decision is made in the
-    /// response future.
+    /// Only forwards: inbound limiting never waits for readiness; the decision is made in `call`
+    /// or in the response future.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let policy = self.shared.policy.get();
         if policy.is_exempt_path(request.uri().path()) {
             return ResponseFuture::call(self.inner.call(request));
         }
-        // The inner service was made ready by `poll_ready`: take it into the future and leave a
-        // fresh clone in its place (the clone is made ready by the next `poll_ready`).
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        // An identity known at once and a store that decides without I/O: decided here, and a
+        // request that passes calls the inner service (made ready by `poll_ready`) right away.
+        if let Some(identity) = self.extractor.extract_now(&request) {
+            let identity = match identity {
+                Ok(identity) => identity,
+                Err(Rejection::Unauthorized { detail }) => {
+                    return ResponseFuture::respond(unauthorized(&detail));
+                }
+            };
+            return match self.shared.plan(policy, identity, &request) {
+                Ok(Next::Forward {
+                    after,
+                    delay,
+                    extension,
+                }) if delay.is_zero() => {
+                    if let Some(extension) = extension {
+                        request.extensions_mut().insert(extension);
+                    }
+                    ResponseFuture::forwarded(self.inner.call(request), after)
+                }
+                Ok(Next::Respond(response)) => ResponseFuture::respond(response),
+                // A delay (shaping) or a store that does I/O: the future calls the inner service
+                // later.
+                Ok(next) => {
+                    let inner = self.take_inner();
+                    ResponseFuture::decided(next, inner, request, Arc::clone(&self.shared))
+                }
+                Err(plan) => {
+                    let inner = self.take_inner();
+                    ResponseFuture::deciding(plan, inner, request, Arc::clone(&self.shared))
+                }
+            };
+        }
+        let inner = self.take_inner();
         let identify = self.extractor.extract(&request);
         ResponseFuture::identify(identify, inner, request, Arc::clone(&self.shared), policy)
     }
