@@ -12,7 +12,9 @@
 //!
 //! Nothing is persisted (no RDB, no AOF): a restarted server is empty. Processes are
 //! killed and reaped when the values are dropped. If that happens during a panic, the tail
-//! of each server's log and its (kept) directory are printed to stderr.
+//! of each server's log and its (kept) directory are printed to stderr. A process that dies
+//! without dropping them (a test harness's timeout, `kill -9`) leaves no server behind either:
+//! a small `sh` watchdog per server, on a pipe from the owner, kills it when the pipe closes.
 //!
 //! [`RedisServer::cmd`] sends one command over a plain TCP connection and parses the RESP2
 //! reply, enough for setting up and checking state without a Redis client crate.

@@ -54,6 +54,39 @@ pub struct RedisServer {
     dir: PathBuf,
     cluster: bool,
     child: Option<Child>,
+    /// Kills `child` if this process dies without dropping us (see [`Watchdog`]).
+    watchdog: Option<Watchdog>,
+}
+
+/// A `sh` that waits on a pipe from this process and, when the pipe closes without a word, kills
+/// the server with `SIGKILL`. A pipe closes however its owner ends, a `SIGKILL` or a panic in
+/// another thread included, when `Drop` never runs; so a test process killed by a timeout
+/// leaves no `redis-server` behind. Best effort: without `sh` there is no watchdog.
+#[derive(Debug)]
+struct Watchdog {
+    shell: Child,
+}
+
+impl Watchdog {
+    fn guard(pid: u32) -> Option<Watchdog> {
+        Command::new("sh")
+            .arg("-c")
+            // `read` returns at end of input: the pipe's owner is gone.
+            .arg(r#"read -r _ || kill -9 "$0" 2>/dev/null"#)
+            .arg(pid.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+            .map(|shell| Watchdog { shell })
+    }
+
+    /// Stands down without killing anything: the shell is killed before its pipe closes.
+    fn dismiss(mut self) {
+        let _ = self.shell.kill();
+        let _ = self.shell.wait();
+    }
 }
 
 impl RedisServer {
@@ -85,6 +118,7 @@ impl RedisServer {
                 dir: make_temp_dir()?,
                 cluster,
                 child: None,
+                watchdog: None,
             };
             match server.launch() {
                 Ok(()) => return Ok(server),
@@ -141,6 +175,9 @@ impl RedisServer {
             // Exited (and now reaped), or cannot be queried: treat as gone.
             Ok(Some(_)) | Err(_) => {
                 self.child = None;
+                if let Some(watchdog) = self.watchdog.take() {
+                    watchdog.dismiss();
+                }
                 false
             }
         }
@@ -150,6 +187,10 @@ impl RedisServer {
     /// is closed when this returns. Idempotent. The port and directory are kept, ready for
     /// [`restart`](Self::restart).
     pub fn stop(&mut self) {
+        // First, so it cannot kill a process that later reuses the server's pid.
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.dismiss();
+        }
         if let Some(mut child) = self.child.take() {
             // Fails only if the process already exited, which is what we want anyway.
             let _ = child.kill();
@@ -244,6 +285,7 @@ impl RedisServer {
             })?;
         let pid = child.id();
         self.child = Some(child);
+        self.watchdog = Watchdog::guard(pid);
         let ready = self.wait_ready(pid);
         if ready.is_err() {
             self.stop();
@@ -260,6 +302,9 @@ impl RedisServer {
                 && let Some(status) = child.try_wait()?
             {
                 self.child = None;
+                if let Some(watchdog) = self.watchdog.take() {
+                    watchdog.dismiss();
+                }
                 return Err(self.not_ready(format!(
                     "redis-server on port {} exited during startup ({status})",
                     self.port

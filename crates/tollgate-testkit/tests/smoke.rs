@@ -196,3 +196,41 @@ fn not_installed_says_how_to_install() {
         );
     }
 }
+
+/// A test process killed with `SIGKILL` (a harness timeout, `kill -9`) never runs `Drop`; its
+/// `redis-server` must not outlive it anyway.
+#[test]
+fn a_server_does_not_outlive_a_killed_owner() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut owner = Command::new(env!("CARGO_BIN_EXE_tollgate-testkit-hold"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the helper starts");
+    let mut line = String::new();
+    BufReader::new(owner.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the helper prints its port");
+    let port: u16 = line
+        .trim()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected helper output {line:?}"));
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "the server answers while its owner lives"
+    );
+    owner.kill().expect("SIGKILL the owner");
+    owner.wait().expect("reap the owner");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
+            _ if Instant::now() >= deadline => {
+                panic!("redis-server on port {port} still runs 10 s after its owner was killed")
+            }
+            _ => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
