@@ -1,13 +1,22 @@
 -- tollgate: helpers shared by every algorithm. The files of this directory are joined into one
--- script (fast_path, common, the algorithms, then tollgate.lua); see src/script.rs.
+-- script (common, token_bucket, fast_path, the other algorithms, then tollgate.lua); see
+-- src/script.rs.
 --
 -- Times are integer microseconds. Every value computed stays below 2^53, so Lua's doubles hold it
 -- exactly (quotas are validated for that in tollgate-core).
 
 local ALLOW, DENY, NEVER = 0, 1, 2
 
--- idiv(a, b), floor(a / b) exact for non-negative integers, is defined at the head of the script
--- (fast_path.lua), which the fast path shares with everything below.
+-- floor(a / b) for non-negative integers, exact even where a / b rounds up to an integer.
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
 
 local function max(a, b) if a > b then return a end return b end
 local function min(a, b) if a < b then return a end return b end

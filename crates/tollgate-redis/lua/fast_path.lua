@@ -1,21 +1,10 @@
--- tollgate: the fast path, first in the joined script. A 'decide' whose limits are all token
--- buckets on distinct keys (the default policy: tier + route + global) is answered here, before
--- the rest of the script defines its ~40 functions: one MGET, the GCRA arithmetic inline, one SET
--- per charged bucket, no per-limit tables. It answers exactly what the general path (tollgate.lua
--- with token_bucket.lua) answers, in the same reply shape; the test vectors run through it.
--- Anything else falls through to the general path below.
-
--- floor(a / b) for non-negative integers, exact even where a / b rounds up to an integer. Used by
--- every part of the script, so defined first.
-local function idiv(a, b)
-  local q = math.floor(a / b)
-  if q * b > a then
-    q = q - 1
-  elseif (q + 1) * b <= a then
-    q = q + 1
-  end
-  return q
-end
+-- tollgate: the fast path, right after the helpers and the token bucket in the joined script. A
+-- 'decide' whose limits are all token buckets on distinct keys (the default policy: tier + route
+-- + global) is answered here, before the rest of the script defines its functions: one MGET
+-- instead of a GET per key, and none of the general path's bookkeeping for keys listed twice or
+-- for other algorithms. It uses the same helpers and the same token_bucket() as the general path
+-- (tollgate.lua), so it answers exactly what that path answers, in the same reply shape; the test
+-- vectors run through it. Anything else falls through to the general path below.
 
 if ARGV[1] == 'decide' then
   local n = #KEYS
@@ -35,65 +24,50 @@ if ARGV[1] == 'decide' then
     end
   end
   if fast then
-    local now, pad = tonumber(ARGV[2]), 0
-    if now then
-      -- A replay with its own clock (see TTL_PAD_MS in common.lua).
-      pad = 60000
+    local now
+    if ARGV[2] ~= '' then
+      now = tonumber(ARGV[2])
+      TTL_PAD_MS = 60000
     else
       local t = redis.call('TIME')
       now = tonumber(t[1]) * 1000000 + tonumber(t[2])
     end
     local vals = redis.call('MGET', unpack(KEYS))
-    -- { status, now, wait, then per limit: outcome, limit, remaining, reset_after, retry_after,
-    --   delay, tat before, tat after }
-    local out, all = { 0, now, 0 }, true
+    local rows, tats, next_tats, all = {}, {}, {}, true
     for i = 1, n do
       local p = 5 + (i - 1) * 7
-      local limit, t, cost = tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]), tonumber(ARGV[p + 5])
+      -- A bucket's state is 'b:<tat>' (see read_state in common.lua, whose general parse costs
+      -- a few µs more per key); anything else, or nothing, is a fresh bucket.
       local v, tat = vals[i], 0
       if type(v) == 'string' and string.sub(v, 1, 2) == 'b:' then
         tat = tonumber(string.sub(v, 3)) or 0
       end
-      local tau = t * limit
-      local used = tat - now
-      if used < 0 then
-        used = 0
-      end
-      local left = tau - used
-      if left < 0 then
-        left = 0
-      end
-      local needed = used + t * cost
-      local o = 3 + (i - 1) * 8
-      if cost > limit then
+      rows[i], next_tats[i] = token_bucket(tat, now, tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]),
+        tonumber(ARGV[p + 5]))
+      tats[i] = tat
+      if rows[i][1] ~= ALLOW then
         all = false
-        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 2, idiv(left, t), used, 0
-      elseif needed <= tau then
-        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 0, idiv(tau - needed, t), needed, 0
-      else
-        all = false
-        out[o + 1], out[o + 3], out[o + 4], out[o + 5] = 1, idiv(left, t), used, needed - tau
       end
-      out[o + 2], out[o + 6], out[o + 7], out[o + 8] = limit, 0, tat, 0
     end
-    -- All or nothing: only when every limit allows is anything written; otherwise the limits that
-    -- would have passed report themselves as they stand.
+    -- All or nothing, as decide_all() in tollgate.lua: only when every limit allows is anything
+    -- written; otherwise the limits that would have passed report themselves as they stand.
+    local out = { 0, now, 0 }
     for i = 1, n do
-      local p, o = 5 + (i - 1) * 7, 3 + (i - 1) * 8
-      local tat = out[o + 7]
-      out[o + 7] = 0
-      if out[o + 1] == 0 then
-        local limit, t, cost = tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]), tonumber(ARGV[p + 5])
+      local d, a, b = rows[i], 0, 0
+      if d[1] == ALLOW then
         if not all then
-          local used = out[o + 4] - t * cost
-          out[o + 3], out[o + 4] = idiv(t * limit - used, t), used
-        elseif cost > 0 then
-          local next_tat = now + out[o + 4]
-          out[o + 7], out[o + 8] = tat, next_tat
-          redis.call('SET', KEYS[i], 'b:' .. string.format('%.0f', next_tat), 'PX',
-            string.format('%.0f', math.ceil((next_tat - now) / 1000) + pad))
+          local p = 5 + (i - 1) * 7
+          d = token_bucket(tats[i], now, tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]), 0)
+        elseif next_tats[i] ~= tats[i] then
+          a, b = tats[i], next_tats[i]
+          write_state(KEYS[i], 'b:' .. fmt(b), b, now)
         end
       end
+      for j = 1, 6 do
+        out[#out + 1] = d[j]
+      end
+      out[#out + 1] = a
+      out[#out + 1] = b
     end
     return out
   end

@@ -4,10 +4,11 @@
 //! [`RedisStore`] implements [`tollgate_core::Store`] on a standalone Redis (a multiplexed,
 //! reconnecting connection) or a Redis Cluster (redis-rs' async cluster client), with one code path
 //! over both connection types. The script ports the algorithms of `tollgate-core` exactly; the same
-//! test vectors are replayed against both. Its head is a fast path for the most common call, a
-//! decision over token buckets only (the default tier + route + global): one `MGET`, the GCRA
-//! arithmetic inline and one `SET` per charged bucket, about half the Redis CPU of the general
-//! path, with the same answers (a test compares both paths with the Rust model).
+//! test vectors are replayed against both. Right after its helpers and the token bucket comes a
+//! fast path for the most common call, a decision over token buckets only (the default tier +
+//! route + global): one `MGET` and one `SET` per charged bucket, without the general path's
+//! bookkeeping or the other algorithms' definitions; about half the Redis CPU of the general path,
+//! with the same answers (a test compares both paths with the Rust model).
 //!
 //! ```no_run
 //! use tollgate_core::{Limit, Quota, Store};

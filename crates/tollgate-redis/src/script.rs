@@ -3,14 +3,14 @@
 
 use std::sync::LazyLock;
 
-/// The whole script: the token-bucket fast path, helpers, the five algorithms, then the entry
-/// point.
+/// The whole script: helpers, the token bucket, the token-bucket fast path, the other four
+/// algorithms, then the entry point.
 pub(crate) const SOURCE: &str = concat!(
-    include_str!("../lua/fast_path.lua"),
-    "\n",
     include_str!("../lua/common.lua"),
     "\n",
     include_str!("../lua/token_bucket.lua"),
+    "\n",
+    include_str!("../lua/fast_path.lua"),
     "\n",
     include_str!("../lua/leaky_bucket.lua"),
     "\n",
