@@ -19,7 +19,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use axum::response::IntoResponse;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
-use sfv::{BareItem, List, ListEntry, Parser};
 use tokio::task::{JoinHandle, JoinSet};
 use tollgate::client_ip::TrustedProxies;
 use tollgate::core::{DynStore, MemoryStore, Quota};
@@ -242,40 +241,6 @@ impl Server {
 // ---------------------------------------------------------------------------------------------
 
 /// One member of `RateLimit` / `RateLimit-Policy`: an sf-string with integer parameters.
-#[derive(Debug, PartialEq)]
-struct SfMember {
-    name: String,
-    params: BTreeMap<String, i64>,
-}
-
-/// Parses `value` as an RFC 9651 List holding exactly one Item: a String with integer parameters.
-fn sf_member(value: &str) -> SfMember {
-    let list: List = Parser::new(value)
-        .parse()
-        .unwrap_or_else(|e| panic!("{value:?} is not an sf-list: {e}"));
-    assert_eq!(list.len(), 1, "{value:?}: one member");
-    let ListEntry::Item(item) = &list[0] else {
-        panic!("{value:?}: the member is an inner list");
-    };
-    let BareItem::String(name) = &item.bare_item else {
-        panic!("{value:?}: the policy name is not an sf-string");
-    };
-    let params = item
-        .params
-        .iter()
-        .map(|(k, v)| {
-            let n = v
-                .as_integer()
-                .unwrap_or_else(|| panic!("{value:?}: {k:?} is not an integer"));
-            (k.as_str().to_owned(), i64::from(n))
-        })
-        .collect();
-    SfMember {
-        name: name.as_str().to_owned(),
-        params,
-    }
-}
-
 /// What the rate-limit headers of a response say.
 #[derive(Debug, Clone, PartialEq)]
 struct Limits {
@@ -316,16 +281,16 @@ impl Reply {
 
     /// `RateLimit-Policy` and `RateLimit`, parsed; they must name the same policy.
     fn ietf(&self) -> Limits {
-        let policy = sf_member(
+        let policy = common::sf_member(
             self.header("ratelimit-policy")
                 .unwrap_or_else(|| panic!("no RateLimit-Policy: {self:?}")),
         );
-        let current = sf_member(
+        let current = common::sf_member(
             self.header("ratelimit")
                 .unwrap_or_else(|| panic!("no RateLimit: {self:?}")),
         );
         assert_eq!(policy.name, current.name, "{self:?}");
-        let keys = |m: &SfMember| m.params.keys().cloned().collect::<Vec<_>>();
+        let keys = |m: &common::SfMember| m.params.keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&policy), ["q", "w"], "{self:?}");
         assert_eq!(keys(&current), ["r", "t"], "{self:?}");
         Limits {

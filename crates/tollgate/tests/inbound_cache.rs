@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
-use sfv::{BareItem, List, ListEntry, Parser};
 use tollgate::core::{Limit, MemoryStore, Quota, Reservation, Reserve, Store, StoreError, Verdict};
 use tollgate::inbound::{Identity, Policy, RateLimitLayer, Rejection};
 
@@ -126,23 +125,12 @@ fn header(response: &reqwest::Response, name: &str) -> Option<String> {
 
 /// `r` and `t` of a `RateLimit` value, parsed as an RFC 9651 list of one item named `"t"`.
 fn parse_ratelimit(value: &str) -> (i64, i64) {
-    let list: List = Parser::new(value)
-        .parse()
-        .unwrap_or_else(|e| panic!("{value:?} is not an sf-list: {e}"));
-    assert_eq!(list.len(), 1, "{value}");
-    let ListEntry::Item(item) = &list[0] else {
-        panic!("{value}: not an item");
-    };
-    let BareItem::String(name) = &item.bare_item else {
-        panic!("{value}: not an sf-string");
-    };
-    assert_eq!(name.as_str(), "t", "{value}");
+    let member = common::sf_member(value);
+    assert_eq!(member.name, "t", "{value}");
     let param = |key: &str| {
-        item.params
-            .iter()
-            .find(|(k, _)| k.as_str() == key)
-            .and_then(|(_, v)| v.as_integer())
-            .map(i64::from)
+        *member
+            .params
+            .get(key)
             .unwrap_or_else(|| panic!("{value}: no integer `{key}`"))
     };
     (param("r"), param("t"))

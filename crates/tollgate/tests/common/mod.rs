@@ -3,12 +3,14 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Extension;
 use axum::routing::{get, post};
+use sfv::{BareItem, List, ListEntry, Parser};
 use tokio::task::JoinHandle;
 use tollgate::inbound::RateLimitDecision;
 
@@ -76,4 +78,39 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("a reqwest client")
+}
+
+/// One member of an RFC 9651 List: its String name and its integer parameters.
+#[derive(Debug, PartialEq)]
+pub struct SfMember {
+    pub name: String,
+    pub params: BTreeMap<String, i64>,
+}
+
+/// Parses `value` as an RFC 9651 List holding exactly one Item: a String with integer parameters.
+pub fn sf_member(value: &str) -> SfMember {
+    let list: List = Parser::new(value)
+        .parse()
+        .unwrap_or_else(|e| panic!("{value:?} is not an sf-list: {e}"));
+    assert_eq!(list.len(), 1, "{value:?}: one member");
+    let ListEntry::Item(item) = &list[0] else {
+        panic!("{value:?}: the member is an inner list");
+    };
+    let BareItem::String(name) = &item.bare_item else {
+        panic!("{value:?}: the policy name is not an sf-string");
+    };
+    let params = item
+        .params
+        .iter()
+        .map(|(k, v)| {
+            let n = v
+                .as_integer()
+                .unwrap_or_else(|| panic!("{value:?}: {k:?} is not an integer"));
+            (k.as_str().to_owned(), i64::from(n))
+        })
+        .collect();
+    SfMember {
+        name: name.as_str().to_owned(),
+        params,
+    }
 }
