@@ -10,23 +10,18 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::{Ready, ready};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Extension;
-use axum::body::Body;
-use axum::http::Request;
 use axum::routing::get;
 use metrics::{
     Counter, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
 use tollgate::breaker::BreakerConfig;
 use tollgate::core::Quota;
-use tollgate::inbound::{
-    Identity, OnStoreError, Policy, RateLimitDecision, RateLimitLayer, Rejection,
-};
+use tollgate::inbound::{OnStoreError, Policy, RateLimitDecision, RateLimitLayer};
 use tollgate::metrics as m;
 use tollgate::redis::RedisStore;
 use tollgate_testkit::RedisServer;
@@ -147,22 +142,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------------------------
 // The server under test.
-
-/// The caller is `user:<x-user>` in tier `<x-tier>`.
-fn by_header(request: &Request<Body>) -> Ready<Result<Identity, Rejection>> {
-    let value = |name: &str| {
-        request
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_owned()
-    };
-    ready(Ok(Identity::new(
-        &format!("user:{}", value("x-user")),
-        value("x-tier"),
-    )))
-}
 
 /// The routes of the example, plus `/api/decision`: `store_error` or `decided`.
 fn app() -> axum::Router {
@@ -311,7 +290,7 @@ async fn local_limits_in_memory_while_redis_is_down_and_returns_to_it() {
         )
         .build()
         .unwrap();
-    let layer = RateLimitLayer::builder(policy, by_header)
+    let layer = RateLimitLayer::builder(policy, common::by_header)
         .store(redis_store(&redis, PREFIX))
         .on_store_error(OnStoreError::Local)
         .timeout(TIMEOUT)
@@ -514,7 +493,7 @@ async fn fail_closed_answers_503_with_retry_after() {
         )
         .build()
         .unwrap();
-    let layer = RateLimitLayer::builder(policy, by_header)
+    let layer = RateLimitLayer::builder(policy, common::by_header)
         .store(redis_store(&redis, "tg-closed"))
         .on_store_error(OnStoreError::FailClosed)
         .timeout(TIMEOUT)
@@ -608,7 +587,7 @@ async fn fail_open_lets_requests_through_counted_as_store_errors() {
         .tier("o-tier", Quota::per_hour(2).unwrap().with_burst(2).unwrap())
         .build()
         .unwrap();
-    let layer = RateLimitLayer::builder(policy, by_header)
+    let layer = RateLimitLayer::builder(policy, common::by_header)
         .store(redis_store(&redis, "tg-open"))
         .on_store_error(OnStoreError::FailOpen)
         .timeout(TIMEOUT)

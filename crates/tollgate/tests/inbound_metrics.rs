@@ -6,45 +6,14 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::{Ready, ready};
-use std::sync::OnceLock;
 
 use axum::Extension;
-use axum::body::Body;
-use axum::http::{Method, Request};
+use axum::http::Method;
 use axum::routing::get;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebugValue;
 use tollgate::core::Quota;
-use tollgate::inbound::{Identity, Policy, RateLimitDecision, RateLimitLayer, Rejection, Route};
+use tollgate::inbound::{Policy, RateLimitDecision, RateLimitLayer, Route};
 use tollgate::metrics as m;
-
-fn snapshotter() -> &'static Snapshotter {
-    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
-    SNAPSHOTTER.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
-            .expect("the only recorder of this binary");
-        snapshotter
-    })
-}
-
-/// The caller is `user:<x-user>` in tier `<x-tier>`.
-fn by_header(request: &Request<Body>) -> Ready<Result<Identity, Rejection>> {
-    let value = |name: &str| {
-        request
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_owned()
-    };
-    ready(Ok(Identity::new(
-        &format!("user:{}", value("x-user")),
-        value("x-tier"),
-    )))
-}
 
 /// The routes of the example, plus `/api/outcome`: says whether the layer allowed the request
 /// (`allowed`) or only let it through in shadow mode (`shadow_limited`).
@@ -124,7 +93,7 @@ impl Tally {
 type Metrics = HashMap<(String, BTreeMap<String, String>), DebugValue>;
 
 fn collect() -> Metrics {
-    snapshotter()
+    common::snapshotter()
         .snapshot()
         .into_vec()
         .into_iter()
@@ -157,7 +126,7 @@ const OUTCOME: (&str, &str, u64) = ("GET", "/api/outcome", 1);
 
 #[tokio::test]
 async fn metrics_match_the_responses() {
-    let _ = snapshotter();
+    let _ = common::snapshotter();
     // Nothing was recorded before the requests below.
     assert!(collect().is_empty());
 
@@ -175,9 +144,11 @@ async fn metrics_match_the_responses() {
         .build()
         .unwrap();
     let enforcing =
-        common::serve(app().layer(RateLimitLayer::builder(enforcing, by_header).build())).await;
+        common::serve(app().layer(RateLimitLayer::builder(enforcing, common::by_header).build()))
+            .await;
     let shadow =
-        common::serve(app().layer(RateLimitLayer::builder(shadow, by_header).build())).await;
+        common::serve(app().layer(RateLimitLayer::builder(shadow, common::by_header).build()))
+            .await;
     let client = common::client();
     let mut tally = Tally::default();
 

@@ -25,14 +25,14 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebugValue;
 use tollgate::core::{DynStore, MemoryStore, Quota};
 use tollgate::outbound::{BoxError, Bucket, FixedBuckets, RateLimit, RateLimitLayer, RateLimited};
 use tollgate::redis::RedisStore;
@@ -264,18 +264,6 @@ fn rate_limited(result: Result<reqwest::Response, BoxError>) -> RateLimited {
 
 fn ms(d: Duration) -> u128 {
     d.as_millis()
-}
-
-fn snapshotter() -> &'static Snapshotter {
-    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
-    SNAPSHOTTER.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
-            .expect("the only recorder of this binary");
-        snapshotter
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -602,7 +590,7 @@ async fn upstream_headers_pause_before_any_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_pauses_waiting_calls_and_the_refused_one_is_retried() {
     let _serial = SERIAL.lock().await;
-    let snapshotter = snapshotter();
+    let snapshotter = common::snapshotter();
     let _ = snapshotter.snapshot(); // drop what earlier tests recorded
     let upstream = Upstream::start(Box::new(|hits: &[Hit], _| {
         if hits.is_empty() {

@@ -4,15 +4,20 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
+use std::future::{Ready, ready};
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::Extension;
+use axum::http::Request;
 use axum::routing::{get, post};
+use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
 use sfv::{BareItem, List, ListEntry, Parser};
 use tokio::task::JoinHandle;
-use tollgate::inbound::RateLimitDecision;
+use tollgate::inbound::{Identity, RateLimitDecision, Rejection};
 
 /// A server running in the background; stopped when dropped.
 pub struct TestServer {
@@ -113,4 +118,33 @@ pub fn sf_member(value: &str) -> SfMember {
         name: name.as_str().to_owned(),
         params,
     }
+}
+
+/// The caller is `user:<x-user>` in tier `<x-tier>`.
+pub fn by_header(request: &Request<Body>) -> Ready<Result<Identity, Rejection>> {
+    let value = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned()
+    };
+    ready(Ok(Identity::new(
+        &format!("user:{}", value("x-user")),
+        value("x-tier"),
+    )))
+}
+
+/// The metrics recorder of this test binary, installed on first use.
+pub fn snapshotter() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder of this binary");
+        snapshotter
+    })
 }
