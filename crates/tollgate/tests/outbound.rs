@@ -192,37 +192,12 @@ fn gcra(rate: u32, burst: u32, jitter: Duration) -> Answer {
     })
 }
 
-/// Checks the token-bucket arrival curve on arrival times: in every interval `[t_i, t_j]` at most
-/// `burst + rate × (t_j − t_i + slack)` requests. Returns the most requests seen in any 100 ms.
-fn assert_arrival_curve(times: &[Instant], rate: f64, burst: usize, slack: Duration) -> usize {
-    let mut times = times.to_vec();
-    times.sort();
-    let mut most_in_100ms = 0;
-    for i in 0..times.len() {
-        for j in i..times.len() {
-            let span = times[j] - times[i];
-            let count = j - i + 1;
-            let allowed = burst as f64 + rate * (span + slack).as_secs_f64();
-            assert!(
-                count as f64 <= allowed,
-                "{count} requests arrived within {span:?} (at most {allowed:.2} allowed): \
-                 arrivals {:?}",
-                offsets(&times)
-            );
-            if span <= Duration::from_millis(100) {
-                most_in_100ms = most_in_100ms.max(count);
-            }
-        }
-    }
-    most_in_100ms
-}
-
-/// Arrival times in ms from the first, for failure messages.
-fn offsets(times: &[Instant]) -> Vec<u128> {
-    let Some(&first) = times.iter().min() else {
-        return Vec::new();
-    };
-    times.iter().map(|t| (*t - first).as_millis()).collect()
+/// Arrival times in ms after the earliest one, for messages.
+fn offsets(times: &[Instant]) -> Vec<i64> {
+    times
+        .iter()
+        .min()
+        .map_or_else(Vec::new, |&first| common::offsets(times, first))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,7 +286,7 @@ async fn at_the_upstream_rate_no_429_and_no_extra_burst() {
         .filter(|h| h.status == StatusCode::TOO_MANY_REQUESTS)
         .count();
     let times: Vec<Instant> = hits.iter().map(|h| h.at).collect();
-    let most = assert_arrival_curve(&times, f64::from(RATE), BURST as usize, jitter);
+    let most = common::assert_arrival_curve(&times, f64::from(RATE), BURST as usize, jitter);
     let expected = Duration::from_secs_f64((N - BURST as usize) as f64 / f64::from(RATE));
     println!(
         "at-rate: {N} requests in {} ms (expected {} ms), upstream 429s: {refused}, \
@@ -634,7 +609,7 @@ async fn a_429_pauses_waiting_calls_and_the_refused_one_is_retried() {
         .map(|h| ms(h.at - refused_at))
         .collect();
     let times: Vec<Instant> = hits[1..].iter().map(|h| h.at).collect();
-    let most = assert_arrival_curve(&times, 10.0, 1, Duration::from_millis(50));
+    let most = common::assert_arrival_curve(&times, 10.0, 1, Duration::from_millis(50));
     println!(
         "429 pause: arrivals after the 429 (ms): {:?}, most in 100 ms after it: {most}, \
          all done in {} ms",

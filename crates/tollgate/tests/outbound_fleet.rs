@@ -137,45 +137,6 @@ fn gcra(rate: u32, burst: u32, jitter: Duration) -> Answer {
     })
 }
 
-/// Checks the token-bucket arrival curve: in every interval `[t_i, t_j]` at most
-/// `burst + rate × (t_j − t_i + slack)` requests. Returns the most requests in any 100 ms.
-fn assert_arrival_curve(times: &[Instant], rate: f64, burst: usize, slack: Duration) -> usize {
-    let mut times = times.to_vec();
-    times.sort();
-    let mut most_in_100ms = 0;
-    for i in 0..times.len() {
-        for j in i..times.len() {
-            let span = times[j] - times[i];
-            let count = j - i + 1;
-            let allowed = burst as f64 + rate * (span + slack).as_secs_f64();
-            assert!(
-                count as f64 <= allowed,
-                "{count} requests arrived within {span:?} (at most {allowed:.2} allowed): \
-                 arrivals (ms) {:?}",
-                offsets(&times, times[0])
-            );
-            if span <= Duration::from_millis(100) {
-                most_in_100ms = most_in_100ms.max(count);
-            }
-        }
-    }
-    most_in_100ms
-}
-
-/// Times in ms from `origin` (negative before it), for messages.
-fn offsets(times: &[Instant], origin: Instant) -> Vec<i64> {
-    times
-        .iter()
-        .map(|t| {
-            if *t >= origin {
-                (*t - origin).as_millis() as i64
-            } else {
-                -((origin - *t).as_millis() as i64)
-            }
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // The client processes
 // ---------------------------------------------------------------------------------------------
@@ -433,7 +394,7 @@ async fn two_processes_sharing_a_redis_bucket_stay_within_the_upstream_limit() {
         hits.len(),
         span.as_millis(),
         expected.as_millis(),
-        offsets(&times, times[0])
+        common::offsets(&times, times[0])
     );
     for (s, path) in summaries.iter().zip(["/a", "/b"]) {
         assert!(
@@ -447,7 +408,7 @@ async fn two_processes_sharing_a_redis_bucket_stay_within_the_upstream_limit() {
     assert_eq!(total.ok, 2 * PER_CLIENT, "{summaries:?}");
     assert_eq!((total.errors, total.rate_limited_locally), (0, 0));
     assert_eq!(hits.len() as u64, 2 * PER_CLIENT);
-    let most = assert_arrival_curve(&times, f64::from(RATE), BURST as usize, jitter);
+    let most = common::assert_arrival_curve(&times, f64::from(RATE), BURST as usize, jitter);
     assert!(most <= BURST as usize + 1, "{most} requests within 100 ms");
     assert!(
         span >= expected.mul_f64(0.95),
@@ -561,7 +522,7 @@ async fn a_429_with_retry_after_pauses_the_whole_fleet() {
     println!(
         "fleet pause: {summaries:?}; {refused} refused; arrivals relative to the first 429 \
          (ms): /a {:?} /b {:?}; resumed {} ms after it, {first_100ms} in its first 100 ms",
-        offsets(
+        common::offsets(
             &hits
                 .iter()
                 .filter(|h| h.path == "/a")
@@ -569,7 +530,7 @@ async fn a_429_with_retry_after_pauses_the_whole_fleet() {
                 .collect::<Vec<_>>(),
             first_429
         ),
-        offsets(
+        common::offsets(
             &hits
                 .iter()
                 .filter(|h| h.path == "/b")
@@ -611,5 +572,5 @@ async fn a_429_with_retry_after_pauses_the_whole_fleet() {
         first_100ms <= BURST + 1,
         "{first_100ms} requests in the first 100 ms after the pause"
     );
-    assert_arrival_curve(&after, 10.0, BURST, Duration::from_millis(50));
+    common::assert_arrival_curve(&after, 10.0, BURST, Duration::from_millis(50));
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::future::{Ready, ready};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -147,4 +147,43 @@ pub fn snapshotter() -> &'static Snapshotter {
             .expect("the only recorder of this binary");
         snapshotter
     })
+}
+
+/// Checks the token-bucket arrival curve: in every interval `[t_i, t_j]` at most
+/// `burst + rate × (t_j − t_i + slack)` requests. Returns the most requests in any 100 ms.
+pub fn assert_arrival_curve(times: &[Instant], rate: f64, burst: usize, slack: Duration) -> usize {
+    let mut times = times.to_vec();
+    times.sort();
+    let mut most_in_100ms = 0;
+    for i in 0..times.len() {
+        for j in i..times.len() {
+            let span = times[j] - times[i];
+            let count = j - i + 1;
+            let allowed = burst as f64 + rate * (span + slack).as_secs_f64();
+            assert!(
+                count as f64 <= allowed,
+                "{count} requests arrived within {span:?} (at most {allowed:.2} allowed): \
+                 arrivals (ms) {:?}",
+                offsets(&times, times[0])
+            );
+            if span <= Duration::from_millis(100) {
+                most_in_100ms = most_in_100ms.max(count);
+            }
+        }
+    }
+    most_in_100ms
+}
+
+/// Times in ms from `origin` (negative before it), for messages.
+pub fn offsets(times: &[Instant], origin: Instant) -> Vec<i64> {
+    times
+        .iter()
+        .map(|t| {
+            if *t >= origin {
+                (*t - origin).as_millis() as i64
+            } else {
+                -((origin - *t).as_millis() as i64)
+            }
+        })
+        .collect()
 }
