@@ -9,6 +9,11 @@
 //! quotas are generous, so every request passes: what is measured is the cost of the limiter on an
 //! allowed request. tollgate runs with its defaults (both the IETF and the `X-RateLimit-*` headers
 //! on every response), and once more with the headers off to show what they cost.
+//!
+//! With valgrind installed, each case except Redis is also served once under callgrind, and the
+//! rows give its user-space instructions per request: a count that hardly moves from run to run,
+//! where the timings of a shared VM move by more than the differences they are meant to show (see
+//! [`callgrind`](crate::callgrind)).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -33,7 +38,8 @@ use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::GlobalKeyExtractor;
 
-use crate::BoxError;
+use crate::{BoxError, callgrind};
+
 use crate::load::{Load, drive, median_load};
 use crate::report::{Row, median, ms, thousands, throughput_ratio, time_ratio};
 
@@ -122,17 +128,23 @@ struct Child {
 }
 
 impl Child {
-    /// Starts the server of `case` (on the server CPU when pinning) and waits for its address.
-    fn start(case: &str, redis_url: &str, cpus: &Cpus) -> Result<Child, BoxError> {
+    /// Starts the server of `case` (on the server CPU when pinning, under `wrapper` when it is
+    /// not empty: a profiler and its arguments) and waits for its address.
+    fn start(
+        case: &str,
+        redis_url: &str,
+        cpus: &Cpus,
+        wrapper: &[String],
+    ) -> Result<Child, BoxError> {
         let exe = std::env::current_exe()?;
-        let mut cmd = match &cpus.server {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpu]).arg(&exe);
-                c
-            }
-            None => Command::new(&exe),
-        };
+        let mut program: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(cpu) = &cpus.server {
+            program.extend(["taskset".into(), "-c".into(), cpu.into()]);
+        }
+        program.extend(wrapper.iter().map(Into::into));
+        program.push(exe.into_os_string());
+        let mut cmd = Command::new(&program[0]);
+        cmd.args(&program[1..]);
         let mut process = cmd
             .args([SERVE_FLAG, case, redis_url])
             // Held open for the child's life: it exits when this end closes.
@@ -251,31 +263,7 @@ impl Cpus {
 
 /// Runs wrk against `addr`: a 1 s warm-up, then `duration` (rounded up to whole seconds) measured.
 fn wrk_load(server: &Child, duration: Duration, cpus: &Cpus) -> Result<Measured, BoxError> {
-    let addr = server.addr;
-    let url = format!("http://{addr}/");
-    let run = |d: Duration| -> Result<String, BoxError> {
-        let mut cmd = match &cpus.generator {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpu, "wrk"]);
-                c
-            }
-            None => Command::new("wrk"),
-        };
-        let out = cmd
-            .args(["-t1", &format!("-c{CONCURRENCY}")])
-            // wrk counts whole seconds.
-            .arg(format!("-d{}s", d.as_secs_f64().ceil().max(1.0)))
-            .args(["--latency", &url])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            return Err(
-                format!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr)).into(),
-            );
-        }
-        Ok(text)
-    };
+    let run = |d: Duration| wrk_run(server.addr, d, cpus);
     run(Duration::from_secs(1))?;
     let cpu_before = process_cpu(server.pid());
     let text = run(duration)?;
@@ -291,6 +279,30 @@ fn wrk_load(server: &Child, duration: Duration, cpus: &Cpus) -> Result<Measured,
         load,
         cpu_per_request,
     })
+}
+
+/// One wrk run against `addr` for `duration` (whole seconds, at least 1): its report.
+fn wrk_run(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<String, BoxError> {
+    let url = format!("http://{addr}/");
+    let mut cmd = match &cpus.generator {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpu, "wrk"]);
+            c
+        }
+        None => Command::new("wrk"),
+    };
+    let out = cmd
+        .args(["-t1", &format!("-c{CONCURRENCY}")])
+        // wrk counts whole seconds.
+        .arg(format!("-d{}s", duration.as_secs_f64().ceil().max(1.0)))
+        .args(["--latency", &url])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(text)
 }
 
 /// The CPU time every thread of process `pid` has run so far (`/proc/PID/task/*/schedstat`,
@@ -398,8 +410,90 @@ fn measure_case(
     generator: Generator,
     cpus: &Cpus,
 ) -> Result<Measured, BoxError> {
-    let server = Child::start(case, &redis.url(), cpus)?;
+    let server = Child::start(case, &redis.url(), cpus, &[])?;
     generator.load(&server, duration, cpus)
+}
+
+/// The cases counted under callgrind (the Redis case is left out: its decisions are spent in
+/// redis-server, not in the server process).
+const COUNTED: [&str; 4] = ["bare", "memory", "memory-no-headers", "tower_governor"];
+
+/// Instructions per request of `case`'s server under callgrind, over a wrk run of `duration`
+/// after a 1 s warm-up (see [`callgrind`](crate::callgrind)).
+fn instructions_per_request(
+    case: &str,
+    redis: &RedisServer,
+    cpus: &Cpus,
+    scratch: &callgrind::Scratch,
+    duration: Duration,
+) -> Result<f64, BoxError> {
+    let server = Child::start(case, &redis.url(), cpus, &scratch.wrapper(case))?;
+    wrk_run(server.addr, Duration::from_secs(1), cpus)?;
+    callgrind::control("-z", server.pid())?;
+    let text = wrk_run(server.addr, duration, cpus)?;
+    callgrind::control("-d", server.pid())?;
+    drop(server);
+    let requests = wrk_requests(&text)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("unexpected wrk output: {text}"))?;
+    Ok(scratch.last_dump_total(case)? as f64 / requests as f64)
+}
+
+/// The rows of instructions per request, when valgrind is installed (and wrk, which loads the
+/// servers); none otherwise, with a note on stderr.
+fn instruction_rows(
+    redis: &RedisServer,
+    cpus: &Cpus,
+    generator: Generator,
+    duration: Duration,
+) -> Result<Vec<Row>, BoxError> {
+    if generator != Generator::Wrk || !callgrind::installed() {
+        eprintln!(
+            "  instructions per request: skipped (needs valgrind and wrk: apt-get install valgrind wrk)"
+        );
+        return Ok(Vec::new());
+    }
+    let scratch = callgrind::Scratch::new()?;
+    let mut counts = Vec::new();
+    for case in COUNTED {
+        let n = instructions_per_request(case, redis, cpus, &scratch, duration)?;
+        eprintln!(
+            "  http {case}: {} instructions per request (callgrind)",
+            thousands(n)
+        );
+        counts.push((case, n));
+    }
+    let count = |name: &str| {
+        counts
+            .iter()
+            .find(|(case, _)| *case == name)
+            .map(|(_, n)| *n)
+            .ok_or_else(|| format!("no instruction count for {name}"))
+    };
+    let (bare, governor) = (count("bare")?, count("tower_governor")?);
+    let mut rows = Vec::new();
+    for (name, label) in [
+        ("memory", "tollgate MemoryStore"),
+        (
+            "memory-no-headers",
+            "tollgate MemoryStore, no rate-limit headers",
+        ),
+    ] {
+        let ours = count(name)?;
+        for (peer, peer_count) in [
+            ("bare axum", bare),
+            ("tower_governor (global key)", governor),
+        ] {
+            rows.push(Row {
+                case: format!("http: {label} (instructions per request, callgrind)"),
+                tollgate: thousands(ours),
+                peer: peer.into(),
+                peer_value: thousands(peer_count),
+                ratio: time_ratio(ours, peer_count),
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// Runs the http suite.
@@ -411,7 +505,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     } else {
         (8, Duration::from_secs(2))
     };
-    let redis = RedisServer::start()?;
+    let redis_server = RedisServer::start()?;
     let generator = Generator::detect();
     // Pinning keeps the server and wrk apart; the built-in client runs in this process, so it
     // shares the CPUs with the server as the kernel sees fit.
@@ -433,7 +527,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
         // Each round starts with a different case, so no case always runs first or last.
         for i in 0..samples.len() {
             let (case, runs) = &mut samples[(i + round) % CASES.len()];
-            let measured = measure_case(case, &redis, duration, generator, &cpus)?;
+            let measured = measure_case(case, &redis_server, duration, generator, &cpus)?;
             eprintln!(
                 "  http {case} (round {}): {}{}",
                 round + 1,
@@ -552,6 +646,14 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             }
         }
     }
+    // Counted over at least 3 s in a full run: the fixed costs of a run (wrk's connections, the
+    // runtime's idle work) weigh less the more requests they are spread over.
+    let counted = if quick {
+        duration
+    } else {
+        duration.max(Duration::from_secs(3))
+    };
+    rows.extend(instruction_rows(&redis_server, &cpus, generator, counted)?);
     Ok(rows)
 }
 

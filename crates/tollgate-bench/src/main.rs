@@ -10,10 +10,11 @@
 //! * `redis`: decisions per second and p50 / p99 latency on a `redis-server` this runner starts, at
 //!   1, 16 and 128 concurrent tasks, 1 and 3 limits per decision; against `redis-benchmark` running
 //!   tollgate's own script with `EVALSHA` (the ceiling) and against the naive approach of a
-//!   `GET` and a `SET` per limit.
+//!   `GET` and a `SET` per limit (on one shared connection, and with a connection per task).
 //! * `http`: requests per second and p99 of an axum hello-world route: bare, behind tollgate (in
 //!   memory and on Redis) and behind `tower_governor`, loaded by wrk when it is installed (on its
-//!   own CPU), else by a built-in hyper client.
+//!   own CPU), else by a built-in hyper client; the server's CPU time per request; with valgrind
+//!   installed, its instructions per request under callgrind.
 //! * `flood`: the share of store calls the denied-until cache saves while one caller floods past
 //!   its limit.
 //!
@@ -23,6 +24,7 @@
 //! chart in `target/bench/ratios.svg` and `docs/bench-ratios.svg`. `--quick` shortens every
 //! measurement so `all` takes about half a minute.
 
+mod callgrind;
 mod flood;
 mod http_suite;
 mod load;

@@ -5,8 +5,11 @@
 //! * ceiling: `redis-benchmark` (one thread, `-c N -P 1`) sending the very same `EVALSHA` with the
 //!   same keys and arguments: what the server can do with this script, client cost aside.
 //! * naive: the multi-round-trip approach of the seed guide (004): per limit, `GET` the bucket,
-//!   compute the refill in the client, `SET` it back (no atomicity); same tasks, same connection
-//!   type. A 3-limit decision is 6 round trips.
+//!   compute the refill in the client, `SET` it back (no atomicity). A 3-limit decision is 6
+//!   round trips. Measured twice: on one multiplexed connection shared by every task, like
+//!   tollgate (its strongest form: concurrent tasks' commands are pipelined), and with a
+//!   connection per task, as the seed's `redis.asyncio` client runs it (each in-flight command
+//!   holds a connection of the pool, so every command is a round trip of its own).
 
 use std::process::Command;
 use std::sync::Arc;
@@ -86,19 +89,32 @@ async fn naive_decide(
     Ok(true)
 }
 
+/// The naive peer with `tasks` tasks over `conns`: one connection shared by all, or one each.
 async fn naive_load(
-    conn: &MultiplexedConnection,
+    conns: &[MultiplexedConnection],
     n: usize,
     tasks: usize,
     duration: Duration,
 ) -> Result<Load, BoxError> {
     let keys: Arc<Vec<String>> = Arc::new(KEYS[..n].iter().map(|k| format!("naive:{k}")).collect());
+    let next = std::sync::atomic::AtomicUsize::new(0);
     drive(tasks, duration, || {
-        let conn = conn.clone();
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn = conns[i % conns.len()].clone();
         let keys = Arc::clone(&keys);
         move || naive_decide(conn.clone(), Arc::clone(&keys))
     })
     .await
+}
+
+/// `count` connections of their own, for the pooled form of the naive peer.
+async fn connections(url: &str, count: usize) -> Result<Vec<MultiplexedConnection>, BoxError> {
+    let client = redis::Client::open(url)?;
+    let mut conns = Vec::with_capacity(count);
+    for _ in 0..count {
+        conns.push(client.get_multiplexed_async_connection().await?);
+    }
+    Ok(conns)
 }
 
 /// The `EVALSHA` arguments tollgate's store sends for a decision over the first `n` limits.
@@ -216,9 +232,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             .timeout(Duration::from_secs(2))
             .connect()
             .await?;
-        let naive = redis::Client::open(url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?;
+        let naive = connections(&url, 1).await?;
         Ok::<_, BoxError>((store, naive))
     })?;
     // Warm up: connections, the script cache, the server's allocator.
@@ -228,8 +242,16 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
         let command = evalsha_args(&store, &sha, n)?;
         check_evalsha(&server, &command, n)?;
         for tasks in TASKS {
+            // One connection per task for the pooled naive peer (with one task, the same as the
+            // shared connection: not measured twice).
+            let pool = if tasks > 1 {
+                runtime.block_on(connections(&url, tasks))?
+            } else {
+                Vec::new()
+            };
             // Rounds interleave tollgate and its peers; each gets the median of its rounds.
-            let (mut ours, mut ceiling, mut naive_runs) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut ours, mut ceiling, mut naive_runs, mut pooled_runs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
                 let run = runtime.block_on(tollgate_load(&store, n, tasks, duration))?;
                 // As many requests as tollgate did in the same time, so both run about as long.
@@ -237,6 +259,9 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
                 ours.push(run);
                 ceiling.push(redis_benchmark(server.port(), tasks, requests, &command)?);
                 naive_runs.push(runtime.block_on(naive_load(&naive, n, tasks, duration))?);
+                if !pool.is_empty() {
+                    pooled_runs.push(runtime.block_on(naive_load(&pool, n, tasks, duration))?);
+                }
             }
             let (ours, ceiling, naive_load) = (
                 median_load(&ours),
@@ -262,12 +287,26 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
                 ratio: throughput_ratio(ours.per_sec, ceiling.per_sec),
             });
             rows.push(Row {
-                case,
+                case: case.clone(),
                 tollgate: ours.text(),
                 peer: format!("naive GET+SET per limit ({} round trips)", 2 * n),
                 peer_value: naive_load.text(),
                 ratio: throughput_ratio(ours.per_sec, naive_load.per_sec),
             });
+            if !pooled_runs.is_empty() {
+                let pooled = median_load(&pooled_runs);
+                eprintln!("  {case}: naive, a connection per task {}", pooled.text());
+                rows.push(Row {
+                    case,
+                    tollgate: ours.text(),
+                    peer: format!(
+                        "naive GET+SET per limit, a connection per task ({} round trips)",
+                        2 * n
+                    ),
+                    peer_value: pooled.text(),
+                    ratio: throughput_ratio(ours.per_sec, pooled.per_sec),
+                });
+            }
         }
     }
     Ok(rows)
