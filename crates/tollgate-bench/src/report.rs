@@ -147,11 +147,28 @@ fn short(text: &str) -> &str {
     text.split(" (").next().unwrap_or(text).trim()
 }
 
-/// A bar's label: the case and the peer, without units or the suite's prefix.
-fn bar_label(row: &Row) -> String {
-    let case = short(&row.case);
-    let case = case.split_once(": ").map_or(case, |(_, rest)| rest);
-    format!("{case} vs {}", short(&row.peer))
+/// What a case measures: the start of its parenthesized part, `"req/s"` for
+/// `"http: bare (req/s, 32 connections)"`.
+fn measure(text: &str) -> Option<&str> {
+    let (_, rest) = text.split_once(" (")?;
+    rest.split([',', ')']).next().map(str::trim)
+}
+
+/// A bar's label: the case and the peer, without units or the suite's prefix; with what the case
+/// measures when another row of its suite would get the same label otherwise (the http suite
+/// gives the same comparison in req/s, CPU time and instructions).
+fn bar_label(row: &Row, suite: &[Row]) -> String {
+    let plain = |r: &Row| {
+        let case = short(&r.case);
+        let case = case.split_once(": ").map_or(case, |(_, rest)| rest);
+        format!("{case} vs {}", short(&r.peer))
+    };
+    let label = plain(row);
+    let shared = suite.iter().filter(|r| plain(r) == label).count() > 1;
+    match measure(&row.case) {
+        Some(what) if shared => format!("{label} ({what})"),
+        _ => label,
+    }
 }
 
 /// A horizontal bar chart of the ratios, one bar per row, on a log scale with a line at 1.0:
@@ -167,7 +184,7 @@ pub(crate) fn svg_chart(suites: &[(String, Vec<Row>)], title: &str) -> String {
     const MAX_EXP: f64 = 2.0;
     let longest = suites
         .iter()
-        .flat_map(|(_, rows)| rows.iter().map(|r| bar_label(r).chars().count()))
+        .flat_map(|(_, rows)| rows.iter().map(|r| bar_label(r, rows).chars().count()))
         .max()
         .unwrap_or(20);
     // About 6.2 px per character at 11 px sans-serif.
@@ -239,7 +256,7 @@ pub(crate) fn svg_chart(suites: &[(String, Vec<Row>)], title: &str) -> String {
 <text x="{:.1}" y="{:.1}">{}</text>"#,
                 label_w - 8.0,
                 y + 12.0,
-                xml(&bar_label(row)),
+                xml(&bar_label(row, rows)),
                 (to - from).max(1.0),
                 to + 4.0,
                 y + 12.0,
@@ -357,7 +374,15 @@ mod tests {
         assert!(svg.contains("tollgate &lt;vs&gt; peers"));
         assert!(svg.contains(r##"stroke="#000000""##), "the line at 1.0");
         assert!(svg.contains("#2e7d32") && svg.contains("#c62828"));
-        // Units and the suite prefix are left out of the bar labels.
-        assert!(svg.contains(">1 thread, hot key vs governor keyed<"));
+        // Units and the suite prefix are left out of a bar's label, unless another row of the
+        // suite would get the same label: then what each measures tells them apart.
+        assert!(svg.contains(">1 thread, hot key vs governor keyed (ns/decision)<"));
+        let alone = svg_chart(&[("memory".into(), vec![row(1.5)])], "t");
+        assert!(alone.contains(">1 thread, hot key vs governor keyed<"));
+        let mut cpu = row(0.9);
+        cpu.case = "memory: 1 thread, hot key (CPU per decision, 2 threads)".into();
+        let both = svg_chart(&[("memory".into(), vec![row(1.5), cpu])], "t");
+        assert!(both.contains(">1 thread, hot key vs governor keyed (ns/decision)<"));
+        assert!(both.contains(">1 thread, hot key vs governor keyed (CPU per decision)<"));
     }
 }
