@@ -13,7 +13,7 @@
 //! With valgrind installed, each case except Redis is also served once under callgrind, and the
 //! rows give its user-space instructions per request: a count that hardly moves from run to run,
 //! where the timings of a shared VM move by more than the differences they are meant to show (see
-//! [`callgrind`](crate::callgrind)).
+//! [`callgrind`]).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -38,10 +38,9 @@ use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::GlobalKeyExtractor;
 
-use crate::{BoxError, callgrind};
-
 use crate::load::{Load, drive, median_load};
 use crate::report::{Row, median, ms, thousands, throughput_ratio, time_ratio};
+use crate::{BoxError, callgrind};
 
 /// Requests in flight at any time (one keep-alive connection each).
 const CONCURRENCY: usize = 32;
@@ -419,7 +418,7 @@ fn measure_case(
 const COUNTED: [&str; 4] = ["bare", "memory", "memory-no-headers", "tower_governor"];
 
 /// Instructions per request of `case`'s server under callgrind, over a wrk run of `duration`
-/// after a 1 s warm-up (see [`callgrind`](crate::callgrind)).
+/// after a 1 s warm-up (see [`callgrind`]).
 fn instructions_per_request(
     case: &str,
     redis: &RedisServer,
