@@ -1,15 +1,15 @@
 //! Instructions per request, counted by valgrind's callgrind: the http suite's deterministic
 //! measure.
 //!
-//! On a shared VM the timings of one case move by ±15 % from run to run, more than the few percent
+//! On a shared VM the timings of one case move by 15 % and more from run to run, more than the few percent
 //! that separate a hello-world route with and without a rate limiter. The number of user-space
 //! instructions the server executes per request hardly moves: the same case gives the same count
 //! to within about 2 % (what is left is the fixed cost of a run, such as wrk's connections, spread
 //! over a number of requests that varies). So, when `valgrind` is installed, the http suite serves each
 //! case once more under callgrind, loads it with wrk (a warm-up, then the counters zeroed with
 //! `callgrind_control -z`, then the measured run, then `callgrind_control -d`), and divides the
-//! dumped instruction total by the requests wrk counted. The kernel's share of a request (TCP,
-//! about as large as the rest on this route) is not counted, so these ratios are further from 1
+//! dumped instruction total by the requests wrk counted. The kernel's share of a request (its TCP
+//! work, most of the CPU time on this route) is not counted, so these ratios are further from 1
 //! than the throughput ratios; they tell apart where a request's user-space work goes.
 
 use std::path::PathBuf;
@@ -28,17 +28,29 @@ pub(crate) fn installed() -> bool {
     })
 }
 
-/// A scratch directory for one run's callgrind files, removed when dropped.
+/// A scratch directory for one run's callgrind files and valgrind's gdbserver pipes, made fresh
+/// (never an existing directory) and removed when dropped.
 pub(crate) struct Scratch {
     dir: PathBuf,
 }
 
 impl Scratch {
     pub(crate) fn new() -> Result<Scratch, BoxError> {
-        let dir =
-            std::env::temp_dir().join(format!("tollgate-bench-callgrind-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-bench-callgrind-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir)?;
         Ok(Scratch { dir })
+    }
+
+    /// Where valgrind's gdbserver (which `callgrind_control` talks to) puts its pipes: here, so
+    /// a server killed at the end of its measurement leaves nothing behind in the temp dir.
+    fn vgdb_prefix(&self) -> String {
+        format!("--vgdb-prefix={}", self.dir.join("vgdb").display())
     }
 
     /// The valgrind command line that runs a server of `case` under callgrind, writing into
@@ -48,11 +60,45 @@ impl Scratch {
             "valgrind".to_owned(),
             "--quiet".to_owned(),
             "--tool=callgrind".to_owned(),
+            self.vgdb_prefix(),
             format!(
                 "--callgrind-out-file={}",
                 self.dir.join(format!("{case}.out")).display()
             ),
         ]
+    }
+
+    /// Sends `callgrind_control <action> <pid>` (`-z` zeroes the counters, `-d` dumps them) and
+    /// waits for callgrind to carry it out, at most 30 s. `callgrind_control` exits with 0 even
+    /// when it reached no callgrind run, so success is its `OK.` line.
+    pub(crate) fn control(&self, action: &str, pid: u32) -> Result<(), BoxError> {
+        let mut child = Command::new("callgrind_control")
+            .args([self.vgdb_prefix().as_str(), action, &pid.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(
+                    format!("callgrind_control {action} {pid} did not finish in 30 s").into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if said.contains("OK.") && !said.contains("Error") {
+            Ok(())
+        } else {
+            Err(format!("callgrind_control {action} {pid}: {}", said.trim()).into())
+        }
     }
 
     /// The instruction total of the last dump of `case` (`<case>.out.<n>`, the highest `n`).
@@ -81,32 +127,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Sends `callgrind_control <action> <pid>` (`-z` zeroes the counters, `-d` dumps them) and
-/// waits for callgrind to carry it out, at most 60 s.
-pub(crate) fn control(action: &str, pid: u32) -> Result<(), BoxError> {
-    let mut child = Command::new("callgrind_control")
-        .args([action, &pid.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return if status.success() {
-                Ok(())
-            } else {
-                Err(format!("callgrind_control {action} {pid} failed: {status}").into())
-            };
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("callgrind_control {action} {pid} did not finish in 60 s").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
