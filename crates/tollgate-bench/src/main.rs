@@ -22,7 +22,7 @@
 //! = better for tollgate) and writes the same rows to `target/bench/<suite>.json`. After `all`, or
 //! with `--chart` (alone it only redraws), the ratios of every suite file present are drawn as a bar
 //! chart in `target/bench/ratios.svg` and `docs/bench-ratios.svg`. `--quick` shortens every
-//! measurement so `all` takes about half a minute.
+//! measurement so `all` takes about a minute.
 
 mod callgrind;
 mod flood;
