@@ -1,12 +1,12 @@
 //! Instructions per request, counted by valgrind's callgrind: the http suite's deterministic
 //! measure.
 //!
-//! On a shared VM the timings of one case move by 15 % and more from run to run, more than the few percent
+//! On a shared VM the timings of one case move by 25 % from run to run, more than the few percent
 //! that separate a hello-world route with and without a rate limiter. The number of user-space
 //! instructions the server executes per request hardly moves: the same case gives the same count
-//! to within about 2 % (what is left is the fixed cost of a run, such as wrk's connections, spread
-//! over a number of requests that varies). So, when `valgrind` is installed, the http suite serves each
-//! case once more under callgrind, loads it with wrk (a warm-up, then the counters zeroed with
+//! to within about 1 % (2 % in quick runs: what is left is the fixed cost of a run, such as wrk's
+//! connections, spread over a number of requests that varies). So, when `valgrind` is installed,
+//! the http suite serves each case once more under callgrind, loads it with wrk (a warm-up, then the counters zeroed with
 //! `callgrind_control -z`, then the measured run, then `callgrind_control -d`), and divides the
 //! dumped instruction total by the requests wrk counted. The kernel's share of a request (its TCP
 //! work, most of the CPU time on this route) is not counted, so these ratios are further from 1

@@ -35,9 +35,11 @@ fn finite(x: f64) -> f64 {
     if x.is_finite() { x } else { 0.0 }
 }
 
-/// Three decimals are plenty for a ratio and keep the JSON file readable.
+/// Six decimals keep the JSON file readable, and enough of the ratio that the two decimals
+/// shown (in the table, or in the chart drawn from the file) round as the exact value does: from
+/// three, 0.28515 would be stored as 0.285 and shown as 0.28.
 fn rounded(ratio: f64) -> f64 {
-    (ratio * 1000.0).round() / 1000.0
+    (ratio * 1e6).round() / 1e6
 }
 
 /// `12345.6` as `12,346`.
@@ -86,7 +88,7 @@ pub(crate) fn markdown(rows: &[Row]) -> String {
             cell(&row.peer),
             cell(&row.peer_value),
             // Rounded as in the JSON file, so the table, the file and the chart agree.
-            ratio_text(rounded(row.ratio))
+            ratio_text(row.ratio)
         );
     }
     out
@@ -342,14 +344,20 @@ mod tests {
 
     #[test]
     fn json_has_the_contract_keys_and_round_trips() {
-        let json = to_json(&[row(1.23456)]);
+        let json = to_json(&[row(1.234_567_89)]);
         let object = json[0].as_object().expect("an object");
         let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(keys, ["case", "peer", "peer value", "ratio", "tollgate"]);
-        assert_eq!(json[0]["ratio"].as_f64(), Some(1.235));
+        assert_eq!(json[0]["ratio"].as_f64(), Some(1.234_568));
         let back = from_json(&json);
-        assert_eq!(back, vec![row(1.235)]);
+        assert_eq!(back, vec![row(1.234_568)]);
+        // What the table shows rounds the exact ratio once, not a rounded one again.
+        assert_eq!(ratio_text(28_307.0 / 99_270.0), "0.29");
+        assert_eq!(
+            ratio_text(from_json(&to_json(&[row(28_307.0 / 99_270.0)]))[0].ratio),
+            "0.29"
+        );
     }
 
     #[test]
