@@ -10,6 +10,10 @@
 //!   tollgate (its strongest form: concurrent tasks' commands are pipelined), and with a
 //!   connection per task, as the seed's `redis.asyncio` client runs it (each in-flight command
 //!   holds a connection of the pool, so every command is a round trip of its own).
+//!
+//! Besides decisions per second and latencies: the client's CPU time per decision, tollgate's
+//! against the naive peer's (on the shared connection). One runtime thread drives every client
+//! task and the connections' own tasks, so its CPU time over a run is the client side's.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use tollgate_testkit::{RedisServer, Reply};
 
 use crate::BoxError;
 use crate::load::{Load, drive, median_load};
-use crate::report::{Row, throughput_ratio};
+use crate::report::{Row, median, throughput_ratio, time_ratio};
 
 /// Concurrent tasks (and `redis-benchmark` connections).
 const TASKS: [usize; 3] = [1, 16, 128];
@@ -117,6 +121,37 @@ async fn connections(url: &str, count: usize) -> Result<Vec<MultiplexedConnectio
     Ok(conns)
 }
 
+/// The CPU time this thread has run so far (`/proc/thread-self/schedstat`, Linux). The runtime
+/// that drives the clients (their tasks and their connections' tasks) runs on this thread alone,
+/// so over a load run the difference is the client side's CPU time.
+fn thread_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    Some(Duration::from_nanos(
+        stat.split_whitespace().next()?.parse().ok()?,
+    ))
+}
+
+/// A load run, and the client CPU time it took per call (when the OS tells).
+fn with_cpu(
+    runtime: &tokio::runtime::Runtime,
+    load: impl std::future::Future<Output = Result<Load, BoxError>>,
+) -> Result<(Load, Option<f64>), BoxError> {
+    let (cpu0, started) = (thread_cpu(), std::time::Instant::now());
+    let run = runtime.block_on(load)?;
+    let calls = run.per_sec * started.elapsed().as_secs_f64();
+    let per_call = match (cpu0, thread_cpu()) {
+        (Some(before), Some(after)) if calls >= 1.0 => Some((after - before).as_secs_f64() / calls),
+        _ => None,
+    };
+    Ok((run, per_call))
+}
+
+/// The median of the per-call CPU times, when every run has one.
+fn median_cpu(runs: &[Option<f64>]) -> Option<f64> {
+    let mut values: Vec<f64> = runs.iter().copied().collect::<Option<_>>()?;
+    (!values.is_empty()).then(|| median(&mut values))
+}
+
 /// The `EVALSHA` arguments tollgate's store sends for a decision over the first `n` limits.
 fn evalsha_args(store: &RedisStore, sha: &str, n: usize) -> Result<Vec<String>, BoxError> {
     let quota = quota()?;
@@ -196,13 +231,17 @@ fn redis_benchmark(
 /// ceiling measures real decisions and not error replies.
 fn check_evalsha(server: &RedisServer, command: &[String], n: usize) -> Result<(), BoxError> {
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
-    let reply = server.cmd(&args)?;
-    let values = reply
-        .as_array()
-        .ok_or_else(|| format!("EVALSHA answered {reply:?}"))?;
-    let allowed = values.len() == 3 + 8 * n
-        && values[0] == Reply::Int(0)
-        && (0..n).all(|i| values[3 + 8 * i] == Reply::Int(0));
+    // The reply is one string of little-endian 64-bit integers: status, now, wait, then 8 per
+    // limit, the outcome first.
+    let values: Vec<i64> = match server.cmd(&args)? {
+        Reply::Bulk(Some(bytes)) if bytes.len() % 8 == 0 => bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            .collect(),
+        other => return Err(format!("EVALSHA answered {other:?}").into()),
+    };
+    let allowed =
+        values.len() == 3 + 8 * n && values[0] == 0 && (0..n).all(|i| values[3 + 8 * i] == 0);
     if allowed {
         Ok(())
     } else {
@@ -238,6 +277,8 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     // Warm up: connections, the script cache, the server's allocator.
     runtime.block_on(tollgate_load(&store, 3, 16, Duration::from_millis(200)))?;
     let mut rows = Vec::new();
+    // The client's CPU time per decision, after the throughput rows.
+    let mut cpu_rows = Vec::new();
     for n in [1, 3] {
         let command = evalsha_args(&store, &sha, n)?;
         check_evalsha(&server, &command, n)?;
@@ -252,13 +293,17 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             // Rounds interleave tollgate and its peers; each gets the median of its rounds.
             let (mut ours, mut ceiling, mut naive_runs, mut pooled_runs) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut our_cpu, mut naive_cpu) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
-                let run = runtime.block_on(tollgate_load(&store, n, tasks, duration))?;
+                let (run, cpu) = with_cpu(&runtime, tollgate_load(&store, n, tasks, duration))?;
+                our_cpu.push(cpu);
                 // As many requests as tollgate did in the same time, so both run about as long.
                 let requests = ((run.per_sec * duration.as_secs_f64()) as u64).max(2_000);
                 ours.push(run);
                 ceiling.push(redis_benchmark(server.port(), tasks, requests, &command)?);
-                naive_runs.push(runtime.block_on(naive_load(&naive, n, tasks, duration))?);
+                let (naive_run, cpu) = with_cpu(&runtime, naive_load(&naive, n, tasks, duration))?;
+                naive_runs.push(naive_run);
+                naive_cpu.push(cpu);
                 if !pool.is_empty() {
                     pooled_runs.push(runtime.block_on(naive_load(&pool, n, tasks, duration))?);
                 }
@@ -268,11 +313,22 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
                 median_load(&ceiling),
                 median_load(&naive_runs),
             );
-            let case = format!(
-                "redis: {n} limit{}, {tasks} task{} (decisions/s)",
+            let label = format!(
+                "redis: {n} limit{}, {tasks} task{}",
                 if n == 1 { "" } else { "s" },
                 if tasks == 1 { "" } else { "s" },
             );
+            let case = format!("{label} (decisions/s)");
+            if let (Some(ours), Some(naive)) = (median_cpu(&our_cpu), median_cpu(&naive_cpu)) {
+                let us = |v: f64| format!("{:.2} µs", v * 1e6);
+                cpu_rows.push(Row {
+                    case: format!("{label} (client CPU per decision)"),
+                    tollgate: us(ours),
+                    peer: format!("naive GET+SET per limit ({} round trips)", 2 * n),
+                    peer_value: us(naive),
+                    ratio: time_ratio(ours, naive),
+                });
+            }
             eprintln!(
                 "  {case}: tollgate {}, redis-benchmark {}, naive {}",
                 ours.text(),
@@ -309,6 +365,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             }
         }
     }
+    rows.extend(cpu_rows);
     Ok(rows)
 }
 

@@ -69,6 +69,6 @@ if ARGV[1] == 'decide' then
       out[#out + 1] = a
       out[#out + 1] = b
     end
-    return out
+    return packed(out)
   end
 end

@@ -159,7 +159,7 @@ local function reply(status, wait, rows)
       out[#out + 1] = r[j] or 0
     end
   end
-  return out
+  return packed(out)
 end
 
 -- All or nothing: if any limit denies, nothing is written, and the limits that would have passed

@@ -291,6 +291,23 @@ fn map_error(e: redis::RedisError) -> StoreError {
     StoreError::new(kind, e)
 }
 
+/// The script's reply, `3 + 8 n` little-endian 64-bit integers in one string (see `packed` in
+/// `lua/common.lua`), as integers.
+fn unpack(reply: &[u8], n: usize) -> Result<Vec<i64>, StoreError> {
+    let expected = 3 + 8 * n;
+    if reply.len() != 8 * expected {
+        return Err(protocol(format!(
+            "unexpected script reply: {} bytes for {n} limits ({} expected)",
+            reply.len(),
+            8 * expected
+        )));
+    }
+    Ok(reply
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        .collect())
+}
+
 fn parse(values: Vec<i64>, n: usize) -> Result<Answer, StoreError> {
     if values.len() != 3 + 8 * n {
         return Err(protocol(format!(
@@ -413,7 +430,7 @@ impl RedisStore {
     async fn invoke<C: ConnectionLike>(
         conn: &mut C,
         invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<Vec<u8>, StoreError> {
         invocation.invoke_async(conn).await.map_err(map_error)
     }
 
@@ -451,7 +468,7 @@ impl RedisStore {
                 .arg(item.a)
                 .arg(item.b);
         }
-        let values = self
+        let reply = self
             .with_timeout(async {
                 match self.inner.conn.clone() {
                     Connection::Standalone(mut c) => Self::invoke(&mut c, &invocation).await,
@@ -459,7 +476,7 @@ impl RedisStore {
                 }
             })
             .await?;
-        parse(values, items.len())
+        parse(unpack(&reply, items.len())?, items.len())
     }
 
     fn items<'a>(&self, limits: &'a [Limit<'a>]) -> Vec<Item<'a>> {
@@ -756,5 +773,32 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed(values: &[i64]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn unpacks_the_script_reply() {
+        let values: Vec<i64> = (0..11).map(|i| i * 1_000_000_007 - 3).collect();
+        assert_eq!(unpack(&packed(&values), 1).ok(), Some(values));
+        let big = vec![0, 1_763_800_000_000_000, i64::MAX, -1, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(unpack(&packed(&big), 1).ok(), Some(big));
+    }
+
+    #[test]
+    fn refuses_a_reply_of_the_wrong_size() {
+        let eleven = packed(&[0; 11]);
+        for bad in [&eleven[..87], &eleven[..], &[][..]] {
+            let n = if bad.len() == 88 { 2 } else { 1 };
+            let e = unpack(bad, n).expect_err("refused");
+            assert!(e.to_string().contains("unexpected script reply"), "{e}");
+        }
     }
 }
