@@ -11,8 +11,9 @@
 --              4 sliding_window_counter
 --   a, b: cancel: tat before / after the reservation; undo: what the decide call reported
 --
--- Returns { status, now, wait, then 8 numbers per limit: outcome, limit, remaining, reset_after,
--- retry_after, delay, a, b }.
+-- Returns status, now, wait, then 8 numbers per limit: outcome, limit, remaining, reset_after,
+-- retry_after, delay, a, b; packed into one string of little-endian 64-bit integers (`packed` in
+-- common.lua).
 --   status: decide/peek/cancel/undo/pause 0; reserve 0 granted, 1 would exceed, 2 retry (nothing
 --   held: a window must be asked again later, or the time asked for in ARGV[5] is gone), 3 never;
 --   earliest: 0 (wait = when all limits could pass), 3 never
