@@ -38,7 +38,7 @@ use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::GlobalKeyExtractor;
 
-use crate::load::{Load, drive, median_load};
+use crate::load::{Load, drive, median_load, run_time};
 use crate::report::{Row, median, ms, thousands, throughput_ratio, time_ratio};
 use crate::{BoxError, callgrind};
 
@@ -309,12 +309,11 @@ fn wrk_run(addr: SocketAddr, duration: Duration, cpus: &Cpus) -> Result<String, 
 /// throughput it leaves out the time the VM spends elsewhere, so it is the steadier measure of what
 /// a request costs.
 fn process_cpu(pid: u32) -> Option<Duration> {
-    let mut total = 0_u64;
+    let mut total = Duration::ZERO;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        total += run_time(&task.ok()?.path().join("schedstat"))?;
     }
-    Some(Duration::from_nanos(total))
+    Some(total)
 }
 
 /// wrk's `90662 requests in 1.00s, ...` line: the number of requests.
@@ -489,9 +488,25 @@ fn count_instructions(
             .iter()
             .find(|(case, _)| *case == name)
             .map(|(_, n)| *n)
-            .ok_or_else(|| format!("no instruction count for {name}"))
     };
-    let (bare, governor) = (count("bare")?, count("tower_governor")?);
+    Ok(cost_rows(
+        "instructions per request, callgrind",
+        count,
+        thousands,
+    ))
+}
+
+/// The rows comparing a cost per request (`cost` of a case, shown by `show`) of tollgate on
+/// `MemoryStore`, with and without its headers, with bare axum's and tower_governor's; none
+/// where a case has no value.
+fn cost_rows(
+    measure: &str,
+    cost: impl Fn(&str) -> Option<f64>,
+    show: impl Fn(f64) -> String,
+) -> Vec<Row> {
+    let (Some(bare), Some(governor)) = (cost("bare"), cost("tower_governor")) else {
+        return Vec::new();
+    };
     let mut rows = Vec::new();
     for (name, label) in [
         ("memory", "tollgate MemoryStore"),
@@ -500,21 +515,21 @@ fn count_instructions(
             "tollgate MemoryStore, no rate-limit headers",
         ),
     ] {
-        let ours = count(name)?;
-        for (peer, peer_count) in [
+        let Some(ours) = cost(name) else { continue };
+        for (peer, peer_cost) in [
             ("bare axum", bare),
             ("tower_governor (global key)", governor),
         ] {
             rows.push(Row {
-                case: format!("http: {label} (instructions per request, callgrind)"),
-                tollgate: thousands(ours),
+                case: format!("http: {label} ({measure})"),
+                tollgate: show(ours),
                 peer: peer.into(),
-                peer_value: thousands(peer_count),
-                ratio: time_ratio(ours, peer_count),
+                peer_value: show(peer_cost),
+                ratio: time_ratio(ours, peer_cost),
             });
         }
     }
-    Ok(rows)
+    rows
 }
 
 /// Runs the http suite.
@@ -643,30 +658,11 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     ];
     // With wrk on its own CPU: the server's CPU time per request, the steadier measure (the
     // Redis case is left out: its decisions are spent in redis-server, not in this process).
-    if let (Some(bare), Some(governor)) = (cpu_of("bare")?, cpu_of("tower_governor")?) {
-        let us = |v: f64| format!("{v:.2} µs");
-        for (name, label) in [
-            ("memory", "tollgate MemoryStore"),
-            (
-                "memory-no-headers",
-                "tollgate MemoryStore, no rate-limit headers",
-            ),
-        ] {
-            let Some(ours) = cpu_of(name)? else { continue };
-            for (peer, peer_cpu) in [
-                ("bare axum", bare),
-                ("tower_governor (global key)", governor),
-            ] {
-                rows.push(Row {
-                    case: format!("http: {label} (server CPU per request, {conc})"),
-                    tollgate: us(ours),
-                    peer: peer.into(),
-                    peer_value: us(peer_cpu),
-                    ratio: time_ratio(ours, peer_cpu),
-                });
-            }
-        }
-    }
+    rows.extend(cost_rows(
+        &format!("server CPU per request, {conc}"),
+        |name| cpu_of(name).ok().flatten(),
+        |v| format!("{v:.2} µs"),
+    ));
     // Counted over at least 3 s in a full run: the fixed costs of a run (wrk's connections, the
     // runtime's idle work) weigh less the more requests they are spread over.
     let counted = if quick {

@@ -75,6 +75,15 @@ where
     })
 }
 
+/// The time a thread has run on a CPU so far: the first field of its `schedstat` file under
+/// `/proc` (nanoseconds; Linux only).
+pub(crate) fn run_time(schedstat: &std::path::Path) -> Option<Duration> {
+    let stat = std::fs::read_to_string(schedstat).ok()?;
+    Some(Duration::from_nanos(
+        stat.split_whitespace().next()?.parse().ok()?,
+    ))
+}
+
 /// The median of repeated runs, field by field.
 pub(crate) fn median_load(loads: &[Load]) -> Load {
     let field = |f: fn(&Load) -> f64| median(&mut loads.iter().map(f).collect::<Vec<f64>>());

@@ -25,7 +25,7 @@ use tollgate_redis::RedisStore;
 use tollgate_testkit::{RedisServer, Reply};
 
 use crate::BoxError;
-use crate::load::{Load, drive, median_load};
+use crate::load::{Load, drive, median_load, run_time};
 use crate::report::{Row, median, throughput_ratio, time_ratio};
 
 /// Concurrent tasks (and `redis-benchmark` connections).
@@ -125,10 +125,7 @@ async fn connections(url: &str, count: usize) -> Result<Vec<MultiplexedConnectio
 /// that drives the clients (their tasks and their connections' tasks) runs on this thread alone,
 /// so over a load run the difference is the client side's CPU time.
 fn thread_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    Some(Duration::from_nanos(
-        stat.split_whitespace().next()?.parse().ok()?,
-    ))
+    run_time(std::path::Path::new("/proc/thread-self/schedstat"))
 }
 
 /// A load run, and the client CPU time it took per call (when the OS tells).

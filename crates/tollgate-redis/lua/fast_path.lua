@@ -24,14 +24,7 @@ if ARGV[1] == 'decide' then
     end
   end
   if fast then
-    local now
-    if ARGV[2] ~= '' then
-      now = tonumber(ARGV[2])
-      TTL_PAD_MS = 60000
-    else
-      local t = redis.call('TIME')
-      now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    end
+    local now = call_time()
     local vals = redis.call('MGET', unpack(KEYS))
     local rows, tats, next_tats, all = {}, {}, {}, true
     for i = 1, n do

@@ -21,14 +21,7 @@
 --   pause: outcome 1 when the limit was paused (a bucket), 0 otherwise
 
 local mode = ARGV[1]
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-  TTL_PAD_MS = 60000
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now = call_time()
 local id = ARGV[3]
 local arg4 = tonumber(ARGV[4])
 local floor = tonumber(ARGV[5])
