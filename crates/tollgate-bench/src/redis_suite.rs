@@ -154,8 +154,9 @@ fn evalsha_args(store: &RedisStore, sha: &str, n: usize) -> Result<Vec<String>, 
     let quota = quota()?;
     let mut args = vec!["EVALSHA".to_owned(), sha.to_owned(), n.to_string()];
     args.extend(KEYS[..n].iter().map(|k| store.redis_key(k)));
-    // mode, now ('' = the server's TIME), call id, 0, 0
-    args.extend(["decide", "", "bench.0", "0", "0"].map(str::to_owned));
+    // mode, now ('' = the server's TIME), call id, 0, 0, deadline (0 = none: a benchmark's
+    // repeated command cannot carry one)
+    args.extend(["decide", "", "bench.0", "0", "0", "0"].map(str::to_owned));
     for _ in 0..n {
         // algorithm (0 = token bucket), limit, interval µs, max_delay µs, cost, a, b
         args.extend([

@@ -88,6 +88,25 @@ local function packed(out)
   return struct.pack('<' .. string.rep('i8', #out), unpack(out))
 end
 
+-- The status of a call that arrived too late: its deadline, ARGV[6] (µs on this server's clock, as
+-- the client reckons it from earlier replies; 0 for none), had passed when it ran, so the client
+-- had given up on it and applied its failure policy. Such a call writes nothing: a decision the
+-- client no longer waits for must not charge anyone.
+local LATE = 4
+
+-- The reply of a late call (status LATE, no rows), or nil when the call is in time.
+local function late(now)
+  local deadline = tonumber(ARGV[6])
+  if deadline == nil or deadline == 0 or now <= deadline then
+    return nil
+  end
+  local out = { LATE, now, 0 }
+  for _ = 1, 8 * #KEYS do
+    out[#out + 1] = 0
+  end
+  return packed(out)
+end
+
 -- Writes a string state that stops mattering at `expires` (µs); a state already fresh is deleted.
 -- The TTL is rounded up to the millisecond, so a key never expires while it still matters.
 local function write_state(key, value, expires, now)

@@ -13,8 +13,8 @@ if ARGV[1] == 'decide' then
     if not fast then
       break
     end
-    -- ARGV[6 + 7(i-1)]: limit i's algorithm; 0 is the token bucket.
-    if ARGV[6 + (i - 1) * 7] ~= '0' then
+    -- ARGV[7 + 7(i-1)]: limit i's algorithm; 0 is the token bucket.
+    if ARGV[7 + (i - 1) * 7] ~= '0' then
       fast = false
     end
     for j = 1, i - 1 do
@@ -25,10 +25,14 @@ if ARGV[1] == 'decide' then
   end
   if fast then
     local now = call_time()
+    local too_late = late(now)
+    if too_late then
+      return too_late
+    end
     local vals = redis.call('MGET', unpack(KEYS))
     local rows, tats, next_tats, all = {}, {}, {}, true
     for i = 1, n do
-      local p = 5 + (i - 1) * 7
+      local p = 6 + (i - 1) * 7
       -- A bucket's state is 'b:<tat>' (see read_state in common.lua, whose general parse costs
       -- a few µs more per key); anything else, or nothing, is a fresh bucket.
       local v, tat = vals[i], 0
@@ -49,7 +53,7 @@ if ARGV[1] == 'decide' then
       local d, a, b = rows[i], 0, 0
       if d[1] == ALLOW then
         if not all then
-          local p = 5 + (i - 1) * 7
+          local p = 6 + (i - 1) * 7
           d = token_bucket(tats[i], now, tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]), 0)
         elseif next_tats[i] ~= tats[i] then
           a, b = tats[i], next_tats[i]

@@ -6,6 +6,8 @@
 -- ARGV[3] call id: unique per call (sliding-window-log member names; 'undo' names the call undone)
 -- ARGV[4] reserve: max wait (µs); pause: duration (µs); otherwise 0
 -- ARGV[5] reserve: the departure time to hold (µs, server clock), or 0 for the earliest possible
+-- ARGV[6] the call's deadline (µs, server clock), or 0: past it, the call writes nothing and
+--   answers status 4 (`late` in common.lua)
 -- then 7 values per limit: algorithm, limit, interval (µs), max_delay (µs), cost, a, b
 --   algorithm: 0 token_bucket, 1 leaky_bucket, 2 fixed_window, 3 sliding_window_log,
 --              4 sliding_window_counter
@@ -16,12 +18,19 @@
 -- common.lua).
 --   status: decide/peek/cancel/undo/pause 0; reserve 0 granted, 1 would exceed, 2 retry (nothing
 --   held: a window must be asked again later, or the time asked for in ARGV[5] is gone), 3 never;
---   earliest: 0 (wait = when all limits could pass), 3 never
+--   earliest: 0 (wait = when all limits could pass), 3 never; any mode: 4 late (past ARGV[6],
+--   nothing written, no rows)
 --   a, b: decide/reserve: bucket tat before / after the write; window start written; else 0
 --   pause: outcome 1 when the limit was paused (a bucket), 0 otherwise
 
 local mode = ARGV[1]
 local now = call_time()
+do
+  local too_late = late(now)
+  if too_late then
+    return too_late
+  end
+end
 local id = ARGV[3]
 local arg4 = tonumber(ARGV[4])
 local floor = tonumber(ARGV[5])
@@ -31,7 +40,7 @@ local TOKEN, LEAKY, FIXED, LOG, COUNTER = 0, 1, 2, 3, 4
 local TAGS = { [TOKEN] = 'b', [LEAKY] = 'b', [FIXED] = 'w', [COUNTER] = 'c' }
 
 local function param(i, j)
-  return tonumber(ARGV[5 + (i - 1) * 7 + j])
+  return tonumber(ARGV[6 + (i - 1) * 7 + j])
 end
 
 -- States as read (orig) and as this call would leave them (tent), so a key listed twice sees its

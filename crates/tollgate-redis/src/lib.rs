@@ -109,13 +109,14 @@
 //! run either), and it retries a request whose connection dropped after sending, which can charge
 //! a request twice: an error toward denial.
 
+mod deadline;
 mod script;
 mod slot;
 mod store;
 
 pub use store::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder,
-    RedisStoreError,
+    RedisStoreError, decode_reply,
 };
 
 /// The Lua source of the script, for inspection (`redis-benchmark` runs it in `tollgate-bench`).

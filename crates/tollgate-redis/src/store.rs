@@ -5,7 +5,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -15,8 +15,41 @@ use tollgate_core::{
     StoreError, StoreErrorKind, Timestamp, Verdict,
 };
 
+use crate::deadline::ClockOffset;
 use crate::script::{Mode, SCRIPT, algorithm_code};
 use crate::slot::slot;
+
+/// The status of a script call that ran after its deadline and wrote nothing (`late` in
+/// `lua/common.lua`).
+const LATE: i64 = 4;
+
+/// The counter of compensating writes (undoing a cross-slot charge, giving a reservation back)
+/// that failed, leaving a charge in place: `tollgate::metrics::COMPENSATION_ERRORS_TOTAL`.
+const COMPENSATION_ERRORS_TOTAL: &str = "rate_limiter_store_compensation_errors_total";
+
+/// When a store operation must be answered by, and whether its script calls carry that deadline
+/// to the server (only the calls that charge: `decide`, `reserve`).
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    deadline: Instant,
+    guard: bool,
+}
+
+impl Budget {
+    fn guarded(deadline: Instant) -> Budget {
+        Budget {
+            deadline,
+            guard: true,
+        }
+    }
+
+    fn unguarded(deadline: Instant) -> Budget {
+        Budget {
+            deadline,
+            guard: false,
+        }
+    }
+}
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "tollgate";
@@ -41,6 +74,9 @@ struct Inner {
     timeout: Duration,
     clock: Option<Arc<dyn Clock>>,
     ids: CallIds,
+    /// The offset of the server's clock, one per slot on a cluster (each node has its own
+    /// clock), one for a standalone server: see [`crate::deadline`].
+    offsets: Box<[ClockOffset]>,
 }
 
 #[derive(Clone)]
@@ -211,6 +247,7 @@ impl RedisStoreBuilder {
                 .map_err(|e| invalid(url, e))?;
             Connection::Standalone(manager)
         };
+        let offsets = if self.cluster { 16_384 } else { 1 };
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
@@ -218,6 +255,7 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 clock: self.clock,
                 ids: CallIds::new(),
+                offsets: (0..offsets).map(|_| ClockOffset::new()).collect(),
             }),
         })
     }
@@ -252,10 +290,6 @@ struct Row {
     decision: Decision,
     a: u64,
     b: u64,
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 fn protocol(message: String) -> StoreError {
@@ -294,55 +328,102 @@ fn map_error(e: redis::RedisError) -> StoreError {
 /// The script's reply, `3 + 8 n` little-endian 64-bit integers in one string (see `packed` in
 /// `lua/common.lua`), as integers.
 fn unpack(reply: &[u8], n: usize) -> Result<Vec<i64>, StoreError> {
-    let expected = 3 + 8 * n;
-    if reply.len() != 8 * expected {
+    let expected = n
+        .checked_mul(8)
+        .and_then(|v| v.checked_add(3))
+        .and_then(|v| v.checked_mul(8));
+    if expected != Some(reply.len()) {
         return Err(protocol(format!(
             "unexpected script reply: {} bytes for {n} limits ({} expected)",
             reply.len(),
-            8 * expected
+            expected.map_or_else(|| "more than can be".to_owned(), |e| e.to_string())
         )));
     }
     Ok(reply
         .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        .map(|b| {
+            let mut word = [0; 8];
+            word.copy_from_slice(b);
+            i64::from_le_bytes(word)
+        })
         .collect())
 }
 
-fn parse(values: Vec<i64>, n: usize) -> Result<Answer, StoreError> {
+/// A count or a time of the reply, which the script never sends negative.
+fn non_negative(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| protocol(format!("unexpected script reply: {what} is {v}")))
+}
+
+/// A limit's count or remaining, which fits a `u32` (quotas are validated for it).
+fn count(v: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| protocol(format!("unexpected script reply: {what} is {v}")))
+}
+
+/// Reads the reply's values. Anything the script never sends (an unknown status or outcome code,
+/// a negative time, a count past `u32`) is a protocol error, never a plausible decision: the
+/// failure policy decides then.
+fn parse(values: &[i64], n: usize) -> Result<Answer, StoreError> {
     if values.len() != 3 + 8 * n {
         return Err(protocol(format!(
             "unexpected script reply: {} values for {n} limits",
             values.len()
         )));
     }
-    let rows = values[3..]
-        .chunks_exact(8)
-        .map(|r| {
+    let status = values[0];
+    if !(0..=LATE).contains(&status) {
+        return Err(protocol(format!(
+            "unexpected script reply: unknown status {status}"
+        )));
+    }
+    let now = non_negative(values[1], "the server time")?;
+    let wait = non_negative(values[2], "the wait")?;
+    let mut rows = Vec::with_capacity(n);
+    if status != LATE {
+        for r in values[3..].chunks_exact(8) {
             let outcome = match r[0] {
                 0 => Outcome::Allowed,
                 1 => Outcome::Denied,
-                _ => Outcome::InsufficientCapacity,
+                2 => Outcome::InsufficientCapacity,
+                code => {
+                    return Err(protocol(format!(
+                        "unexpected script reply: unknown outcome code {code}"
+                    )));
+                }
             };
-            Row {
+            rows.push(Row {
                 decision: Decision {
                     outcome,
-                    limit: u32::try_from(r[1]).unwrap_or(u32::MAX),
-                    remaining: u32::try_from(r[2]).unwrap_or(0),
-                    reset_after: Duration::from_micros(to_u64(r[3])),
-                    retry_after: Duration::from_micros(to_u64(r[4])),
-                    delay: Duration::from_micros(to_u64(r[5])),
+                    limit: count(r[1], "a limit")?,
+                    remaining: count(r[2], "the remaining count")?,
+                    reset_after: Duration::from_micros(non_negative(r[3], "reset_after")?),
+                    retry_after: Duration::from_micros(non_negative(r[4], "retry_after")?),
+                    delay: Duration::from_micros(non_negative(r[5], "a delay")?),
                 },
-                a: to_u64(r[6]),
-                b: to_u64(r[7]),
-            }
-        })
-        .collect();
+                a: non_negative(r[6], "a state time")?,
+                b: non_negative(r[7], "a state time")?,
+            });
+        }
+    }
     Ok(Answer {
-        status: values[0],
-        now: to_u64(values[1]),
-        wait: to_u64(values[2]),
+        status,
+        now,
+        wait,
         rows,
     })
+}
+
+/// Decodes a script reply for `n` limits, as the store does. For the fuzz targets and tests of
+/// the decoder; not part of the API.
+#[doc(hidden)]
+pub fn decode_reply(reply: &[u8], n: usize) -> Result<(), StoreError> {
+    parse(&unpack(reply, n)?, n).map(|_| ())
+}
+
+/// A compensating write (an undo, a give-back) failed: the charge stays, which errs toward
+/// denial; said in the log and counted.
+fn compensation_failed(op: &'static str, error: &StoreError) {
+    tracing::warn!(%error, op, "redis: could not undo a charge; it stays until it expires");
+    metrics::counter!(COMPENSATION_ERRORS_TOTAL, "store" => "redis", "op" => op).increment(1);
 }
 
 fn micros(d: Duration) -> u64 {
@@ -395,7 +476,7 @@ impl RedisStore {
     /// Checks that Redis answers, within the call timeout.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let cmd = redis::cmd("PING");
-        self.with_timeout(async {
+        self.within(self.deadline(), async {
             let reply: String = match self.inner.conn.clone() {
                 Connection::Standalone(mut c) => cmd.query_async(&mut c).await,
                 Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
@@ -410,11 +491,17 @@ impl RedisStore {
         .await
     }
 
-    async fn with_timeout<T>(
+    /// The deadline of an operation starting now: the call timeout from now.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.timeout
+    }
+
+    async fn within<T>(
         &self,
+        deadline: Instant,
         f: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.timeout, f).await {
+        match tokio::time::timeout_at(deadline.into(), f).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::new(
                 StoreErrorKind::Timeout,
@@ -434,6 +521,15 @@ impl RedisStore {
         invocation.invoke_async(conn).await.map_err(map_error)
     }
 
+    /// The clock offset of the server holding `items` (all in one slot).
+    fn offset(&self, items: &[Item<'_>]) -> &ClockOffset {
+        let offsets = &self.inner.offsets;
+        match items.first() {
+            Some(item) if offsets.len() > 1 => &offsets[usize::from(slot(item.key.as_bytes()))],
+            _ => &offsets[0],
+        }
+    }
+
     async fn call(
         &self,
         mode: Mode,
@@ -441,6 +537,7 @@ impl RedisStore {
         id: &str,
         arg4: u64,
         floor: u64,
+        budget: Budget,
     ) -> Result<Answer, StoreError> {
         let mut invocation = SCRIPT.prepare_invoke();
         for item in items {
@@ -451,12 +548,20 @@ impl RedisStore {
             .clock
             .as_ref()
             .map_or(String::new(), |c| c.now().as_micros().to_string());
+        // A client clock (test-vector replays) is not Redis' clock: no deadline on it.
+        let offset = self.offset(items);
+        let deadline = if budget.guard && self.inner.clock.is_none() {
+            offset.server_deadline(budget.deadline)
+        } else {
+            0
+        };
         invocation
             .arg(mode.as_str())
             .arg(now)
             .arg(id)
             .arg(arg4)
-            .arg(floor);
+            .arg(floor)
+            .arg(deadline);
         for item in items {
             let q = item.limit.quota;
             invocation
@@ -468,15 +573,26 @@ impl RedisStore {
                 .arg(item.a)
                 .arg(item.b);
         }
+        let sent = Instant::now();
         let reply = self
-            .with_timeout(async {
+            .within(budget.deadline, async {
                 match self.inner.conn.clone() {
                     Connection::Standalone(mut c) => Self::invoke(&mut c, &invocation).await,
                     Connection::Cluster(mut c) => Self::invoke(&mut c, &invocation).await,
                 }
             })
             .await?;
-        parse(unpack(&reply, items.len())?, items.len())
+        let answer = parse(&unpack(&reply, items.len())?, items.len())?;
+        if self.inner.clock.is_none() {
+            offset.observe(sent, Instant::now(), answer.now);
+        }
+        if answer.status == LATE {
+            return Err(StoreError::new(
+                StoreErrorKind::Timeout,
+                "redis ran the call after its deadline, so it wrote nothing",
+            ));
+        }
+        Ok(answer)
     }
 
     fn items<'a>(&self, limits: &'a [Limit<'a>]) -> Vec<Item<'a>> {
@@ -524,9 +640,12 @@ impl RedisStore {
         let items = self.items(limits);
         let groups = self.groups(&items);
         let id = self.inner.ids.next();
+        let deadline = self.deadline();
         if let [only] = groups.as_slice() {
             debug_assert_eq!(only.len(), items.len());
-            let answer = self.call(Mode::Decide, &items, &id, 0, 0).await?;
+            let answer = self
+                .call(Mode::Decide, &items, &id, 0, 0, Budget::guarded(deadline))
+                .await?;
             return Ok(Verdict::new(
                 answer.rows.iter().map(|r| r.decision).collect(),
             ));
@@ -537,7 +656,10 @@ impl RedisStore {
         let mut charged: Vec<(Vec<Item<'_>>, Vec<Row>)> = Vec::new();
         for group in &groups {
             let sub = Self::subset(&items, group);
-            let answer = match self.call(Mode::Decide, &sub, &id, 0, 0).await {
+            let answer = match self
+                .call(Mode::Decide, &sub, &id, 0, 0, Budget::guarded(deadline))
+                .await
+            {
                 Ok(answer) => answer,
                 Err(e) => {
                     self.undo(&charged, &id).await;
@@ -565,7 +687,9 @@ impl RedisStore {
                     continue;
                 }
                 let sub = Self::subset(&uncharged, other);
-                let peek = self.call(Mode::Peek, &sub, &id, 0, 0).await?;
+                let peek = self
+                    .call(Mode::Peek, &sub, &id, 0, 0, Budget::unguarded(deadline))
+                    .await?;
                 for (&i, row) in other.iter().zip(&peek.rows) {
                     decisions[i] = Some(row.decision);
                 }
@@ -579,8 +703,9 @@ impl RedisStore {
             .ok_or_else(|| protocol("a limit got no decision".into()))
     }
 
-    /// Undoes charged groups, best effort: a failure here leaves a charge in place, which only
-    /// ever errs on the side of denial.
+    /// Undoes charged groups, best effort, each within a fresh timeout: a failure here leaves a
+    /// charge in place, which only ever errs on the side of denial; it is logged and counted
+    /// (`rate_limiter_store_compensation_errors_total{store="redis",op="undo"}`).
     async fn undo(&self, charged: &[(Vec<Item<'_>>, Vec<Row>)], id: &str) {
         for (items, rows) in charged {
             let undo: Vec<Item<'_>> = items
@@ -599,7 +724,10 @@ impl RedisStore {
                     }
                 })
                 .collect();
-            let _ = self.call(Mode::Undo, &undo, id, 0, 0).await;
+            let budget = Budget::unguarded(self.deadline());
+            if let Err(error) = self.call(Mode::Undo, &undo, id, 0, 0, budget).await {
+                compensation_failed("undo", &error);
+            }
         }
     }
 
@@ -612,9 +740,19 @@ impl RedisStore {
         let groups = self.groups(&items);
         let id = self.inner.ids.next();
         let max_wait = micros(max_wait);
+        let deadline = self.deadline();
         if let [_] = groups.as_slice() {
-            let answer = self.call(Mode::Reserve, &items, &id, max_wait, 0).await?;
-            return Ok(self.reserve_answer(&items, answer));
+            let answer = self
+                .call(
+                    Mode::Reserve,
+                    &items,
+                    &id,
+                    max_wait,
+                    0,
+                    Budget::guarded(deadline),
+                )
+                .await?;
+            return self.reserve_answer(&items, answer);
         }
         // Cross-slot: agree on one departure time, then hold it in every group; if someone took
         // it in between, give back and try again (a few times).
@@ -623,9 +761,17 @@ impl RedisStore {
             let mut first_now = None;
             for group in &groups {
                 let sub = Self::subset(&items, group);
-                let answer = self.call(Mode::Earliest, &sub, &id, 0, 0).await?;
-                if answer.status == 3 {
-                    return Ok(Reserve::Never);
+                let answer = self
+                    .call(Mode::Earliest, &sub, &id, 0, 0, Budget::unguarded(deadline))
+                    .await?;
+                match answer.status {
+                    0 => {}
+                    3 => return Ok(Reserve::Never),
+                    status => {
+                        return Err(protocol(format!(
+                            "unexpected script reply: earliest status {status}"
+                        )));
+                    }
                 }
                 first_now.get_or_insert(answer.now);
                 at = at.max(answer.now + answer.wait);
@@ -646,12 +792,23 @@ impl RedisStore {
             let mut lost = false;
             for group in &groups {
                 let sub = Self::subset(&items, group);
-                let answer = self
-                    .call(Mode::Reserve, &sub, &id, MAX_SPAN_MICROS, at)
-                    .await?;
+                let budget = Budget::guarded(deadline);
+                let answer = match self
+                    .call(Mode::Reserve, &sub, &id, MAX_SPAN_MICROS, at, budget)
+                    .await
+                {
+                    Ok(answer) => answer,
+                    Err(error) => {
+                        // The places held in the groups before are given back.
+                        if let Err(e) = self.cancel_held(&held).await {
+                            compensation_failed("cancel", &e);
+                        }
+                        return Err(error);
+                    }
+                };
                 match answer.status {
                     0 => {
-                        if let Reserve::Granted(r) = self.reserve_answer(&sub, answer) {
+                        if let Reserve::Granted(r) = self.reserve_answer(&sub, answer)? {
                             held.extend_from_slice(r.held());
                         }
                     }
@@ -674,9 +831,9 @@ impl RedisStore {
         })
     }
 
-    fn reserve_answer(&self, items: &[Item<'_>], answer: Answer) -> Reserve {
+    fn reserve_answer(&self, items: &[Item<'_>], answer: Answer) -> Result<Reserve, StoreError> {
         let wait = Duration::from_micros(answer.wait);
-        match answer.status {
+        Ok(match answer.status {
             0 => {
                 let held = items
                     .iter()
@@ -692,8 +849,13 @@ impl RedisStore {
             }
             1 => Reserve::WouldExceed { retry_after: wait },
             2 => Reserve::Retry { after: wait },
-            _ => Reserve::Never,
-        }
+            3 => Reserve::Never,
+            status => {
+                return Err(protocol(format!(
+                    "unexpected script reply: reserve status {status}"
+                )));
+            }
+        })
     }
 
     async fn cancel_held(&self, held: &[Held]) -> Result<(), StoreError> {
@@ -709,9 +871,10 @@ impl RedisStore {
             item.b = h.after.as_micros();
         }
         let id = self.inner.ids.next();
+        let budget = Budget::unguarded(self.deadline());
         for group in self.groups(&items) {
             let sub = Self::subset(&items, &group);
-            self.call(Mode::Cancel, &sub, &id, 0, 0).await?;
+            self.call(Mode::Cancel, &sub, &id, 0, 0, budget).await?;
         }
         Ok(())
     }
@@ -725,10 +888,11 @@ impl Store for RedisStore {
     async fn peek(&self, limits: &[Limit<'_>]) -> Result<Verdict, StoreError> {
         let items = self.items(limits);
         let id = self.inner.ids.next();
+        let budget = Budget::unguarded(self.deadline());
         let mut decisions = vec![None; items.len()];
         for group in self.groups(&items) {
             let sub = Self::subset(&items, &group);
-            let answer = self.call(Mode::Peek, &sub, &id, 0, 0).await?;
+            let answer = self.call(Mode::Peek, &sub, &id, 0, 0, budget).await?;
             for (&i, row) in group.iter().zip(&answer.rows) {
                 decisions[i] = Some(row.decision);
             }
@@ -762,7 +926,14 @@ impl Store for RedisStore {
         let items = self.items(&limits);
         let id = self.inner.ids.next();
         let answer = self
-            .call(Mode::Pause, &items, &id, micros(duration), 0)
+            .call(
+                Mode::Pause,
+                &items,
+                &id,
+                micros(duration),
+                0,
+                Budget::unguarded(self.deadline()),
+            )
             .await?;
         // The script reports a paused limit with outcome code 1.
         Ok(answer
@@ -790,6 +961,53 @@ mod tests {
         assert_eq!(unpack(&packed(&values), 1).ok(), Some(values));
         let big = vec![0, 1_763_800_000_000_000, i64::MAX, -1, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(unpack(&packed(&big), 1).ok(), Some(big));
+    }
+
+    /// A reply of one allowed row: status, now, wait, then the row's eight values.
+    fn one_row() -> Vec<i64> {
+        vec![0, 1_000, 0, 0, 10, 9, 1_000, 0, 0, 0, 0]
+    }
+
+    #[test]
+    fn reads_a_plausible_reply() {
+        let answer = parse(&one_row(), 1).expect("a valid reply");
+        assert_eq!((answer.status, answer.now), (0, 1_000));
+        assert_eq!(answer.rows[0].decision.outcome, Outcome::Allowed);
+        assert_eq!(answer.rows[0].decision.remaining, 9);
+        // A late call has no rows to read.
+        let mut late = vec![0; 11];
+        late[0] = LATE;
+        assert!(parse(&late, 1).expect("a late reply").rows.is_empty());
+    }
+
+    #[test]
+    fn codes_it_does_not_know_are_errors_not_decisions() {
+        // (index, value): an outcome code, a status, negatives, a count past u32.
+        for (i, v) in [
+            (3, 3),
+            (3, -1),
+            (0, 5),
+            (0, -1),
+            (1, -1),
+            (2, -7),
+            (5, -1),
+            (6, -1),
+            (7, -2),
+            (8, -3),
+            (9, -4),
+            (10, -5),
+            (4, i64::from(u32::MAX) + 1),
+            (5, i64::from(u32::MAX) + 1),
+        ] {
+            let mut values = one_row();
+            values[i] = v;
+            let e = match parse(&values, 1) {
+                Ok(_) => panic!("value {v} at {i} was read as a decision"),
+                Err(e) => e,
+            };
+            assert!(e.to_string().contains("unexpected script reply"), "{e}");
+            assert!(!e.is_timeout() && !e.is_unavailable(), "{e}");
+        }
     }
 
     #[test]

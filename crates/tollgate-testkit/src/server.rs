@@ -198,6 +198,51 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the process with `SIGSTOP`: its port stays open and the kernel keeps accepting
+    /// connections and queueing what clients send, but nothing is answered, as with a server
+    /// stuck or a host that hangs. [`resume`](Self::resume) lets it run the queued commands.
+    /// Dropping a paused server kills it as usual.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Command`] if the server is not running or `kill` fails.
+    pub fn pause(&mut self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Lets a [`pause`](Self::pause)d process run again (`SIGCONT`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Command`] if the server is not running or `kill` fails.
+    pub fn resume(&mut self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&mut self, signal: &str) -> Result<()> {
+        let command = format!("kill -{signal} <redis-server on port {}>", self.port);
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return Err(Error::Command {
+                command,
+                status: "not run".to_owned(),
+                output: "the server is not running".to_owned(),
+            });
+        };
+        let output = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .output()?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(Error::Command {
+                command,
+                status: output.status.to_string(),
+                output: String::from_utf8_lossy(&output.stderr).into_owned(),
+            })
+        }
+    }
+
     /// Stops the server if it is running, then starts it again on the same port with the
     /// same directory (and, for a cluster node, the same `nodes.conf`, so it rejoins), and
     /// waits until it answers `PING`. Data is gone: nothing is persisted.

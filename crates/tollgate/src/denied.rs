@@ -4,11 +4,14 @@
 //! Exact, not a heuristic: a denial says when a request of the same cost could pass at the
 //! earliest (`retry_after`), and nothing anyone does can make that earlier (other requests only
 //! spend more). So answering 429 locally before that instant never denies a request the store
-//! would have allowed.
+//! would have allowed, **under the policy that decided it**. A reload can make it earlier (a tier
+//! raised, a caller moved to another tier), so an entry is keyed by what decided it (the caller's
+//! tier bucket and the route) and remembers the policy it was decided under: a denial of another
+//! policy is never answered, and the first request under a new policy empties the cache.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,8 @@ pub(crate) struct DeniedCache {
     /// How many denials the shards hold (expired ones included until they are dropped): with
     /// none, a lookup is skipped without hashing the key or taking a lock.
     len: AtomicUsize,
+    /// The id of the policy the entries were decided under (see [`DeniedCache::follow`]).
+    policy: AtomicU64,
 }
 
 /// A remembered denial: what to answer until `until`.
@@ -38,6 +43,8 @@ pub(crate) struct Denied {
     pub(crate) decision: Decision,
     /// Which limit bound it (index into the request's limits).
     pub(crate) binding: usize,
+    /// The id of the policy that decided it.
+    pub(crate) policy: u64,
 }
 
 impl Denied {
@@ -59,6 +66,26 @@ impl DeniedCache {
             hasher: RandomState::new(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
             len: AtomicUsize::new(0),
+            policy: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes the cache follow the policy in force: the first call with a new policy id (a
+    /// reload) forgets every denial remembered under another one. One relaxed load otherwise.
+    pub(crate) fn follow(&self, policy: u64) {
+        let seen = self.policy.load(Ordering::Relaxed);
+        if seen == policy
+            || self
+                .policy
+                .compare_exchange(seen, policy, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        for shard in &*self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            self.len.fetch_sub(shard.len(), Ordering::Relaxed);
+            shard.clear();
         }
     }
 
@@ -72,14 +99,15 @@ impl DeniedCache {
         &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
     }
 
-    /// The denial in force for `key` at `now`, if any.
-    pub(crate) fn get(&self, key: &str, now: Instant) -> Option<Denied> {
+    /// The denial in force for `key` at `now` under the policy `policy`, if any. A denial of
+    /// another policy (a request that raced a reload) is dropped.
+    pub(crate) fn get(&self, key: &str, now: Instant, policy: u64) -> Option<Denied> {
         let mut shard = self
             .shard(key)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match shard.get(key) {
-            Some(d) if d.until > now => Some(*d),
+            Some(d) if d.until > now && d.policy == policy => Some(*d),
             Some(_) => {
                 shard.remove(key);
                 self.len.fetch_sub(1, Ordering::Relaxed);
@@ -89,8 +117,9 @@ impl DeniedCache {
         }
     }
 
-    /// Remembers a denial of `key` lasting `retry_after` from `now`. When the shard is full and
-    /// nothing in it has expired, the denial is not remembered (the store stays the authority).
+    /// Remembers a denial of `key` by the policy `policy`, lasting `retry_after` from `now`.
+    /// When the shard is full and nothing in it has expired, the denial is not remembered (the
+    /// store stays the authority).
     pub(crate) fn insert(
         &self,
         key: &str,
@@ -98,6 +127,7 @@ impl DeniedCache {
         decision: Decision,
         binding: usize,
         retry_after: Duration,
+        policy: u64,
     ) {
         if retry_after.is_zero() {
             return;
@@ -121,6 +151,7 @@ impl DeniedCache {
                 reset_until: now + decision.reset_after,
                 decision,
                 binding,
+                policy,
             },
         );
         if replaced.is_none() {
@@ -150,13 +181,13 @@ mod tests {
     fn remembers_until_the_retry_time() {
         let cache = DeniedCache::new(100);
         let t0 = Instant::now();
-        cache.insert("k", t0, denial(), 0, Duration::from_secs(2));
-        let hit = cache.get("k", t0 + Duration::from_millis(500)).unwrap();
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2), 1);
+        let hit = cache.get("k", t0 + Duration::from_millis(500), 1).unwrap();
         let d = hit.at(t0 + Duration::from_millis(500));
         assert_eq!(d.retry_after, Duration::from_millis(1500));
         assert_eq!(d.reset_after, Duration::from_millis(9500));
-        assert!(cache.get("k", t0 + Duration::from_secs(2)).is_none());
-        assert!(cache.get("other", t0).is_none());
+        assert!(cache.get("k", t0 + Duration::from_secs(2), 1).is_none());
+        assert!(cache.get("other", t0, 1).is_none());
     }
 
     #[test]
@@ -164,7 +195,7 @@ mod tests {
         let cache = DeniedCache::new(SHARDS);
         let t0 = Instant::now();
         for i in 0..1_000 {
-            cache.insert(&format!("k{i}"), t0, denial(), 0, Duration::from_secs(2));
+            cache.insert(&format!("k{i}"), t0, denial(), 0, Duration::from_secs(2), 1);
         }
         let held: usize = cache.shards.iter().map(|s| s.lock().unwrap().len()).sum();
         assert!(held <= SHARDS, "{held}");
@@ -175,8 +206,29 @@ mod tests {
             denial(),
             0,
             Duration::from_secs(2),
+            1,
         );
-        assert!(cache.get("late", t0 + Duration::from_secs(3)).is_some());
+        assert!(cache.get("late", t0 + Duration::from_secs(3), 1).is_some());
+    }
+
+    #[test]
+    fn follows_the_policy_in_force() {
+        let cache = DeniedCache::new(100);
+        let t0 = Instant::now();
+        cache.follow(1);
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2), 1);
+        // A request still deciding under policy 1 sees it; one under policy 2 does not.
+        assert!(cache.get("k", t0, 1).is_some());
+        assert!(cache.get("k", t0, 2).is_none());
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2), 1);
+        cache.insert("j", t0, denial(), 0, Duration::from_secs(2), 1);
+        // The first request under policy 2 forgets everything.
+        cache.follow(2);
+        assert!(cache.is_empty());
+        assert!(cache.get("j", t0, 1).is_none());
+        cache.follow(2);
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2), 2);
+        assert!(cache.get("k", t0, 2).is_some());
     }
 
     #[test]
@@ -184,15 +236,15 @@ mod tests {
         let cache = DeniedCache::new(SHARDS);
         let t0 = Instant::now();
         assert!(cache.is_empty());
-        cache.insert("k", t0, denial(), 0, Duration::from_secs(2));
-        cache.insert("k", t0, denial(), 0, Duration::from_secs(2));
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2), 1);
+        cache.insert("k", t0, denial(), 0, Duration::from_secs(2), 1);
         assert!(!cache.is_empty());
         // Expired: dropped when looked up.
-        assert!(cache.get("k", t0 + Duration::from_secs(2)).is_none());
+        assert!(cache.get("k", t0 + Duration::from_secs(2), 1).is_none());
         assert!(cache.is_empty());
         // Expired entries dropped to make room are counted out too.
         for i in 0..1_000 {
-            cache.insert(&format!("k{i}"), t0, denial(), 0, Duration::from_secs(2));
+            cache.insert(&format!("k{i}"), t0, denial(), 0, Duration::from_secs(2), 1);
         }
         let held = |c: &DeniedCache| {
             c.shards
@@ -203,7 +255,14 @@ mod tests {
         assert_eq!(cache.len.load(Ordering::Relaxed), held(&cache));
         let later = t0 + Duration::from_secs(3);
         for i in 0..1_000 {
-            cache.insert(&format!("j{i}"), later, denial(), 0, Duration::from_secs(2));
+            cache.insert(
+                &format!("j{i}"),
+                later,
+                denial(),
+                0,
+                Duration::from_secs(2),
+                1,
+            );
         }
         assert_eq!(cache.len.load(Ordering::Relaxed), held(&cache));
     }

@@ -210,15 +210,17 @@ impl Plan {
         (limits, n)
     }
 
-    /// The key of the caller (and route) in the denied-until cache.
+    /// The key of the caller in the denied-until cache: what decided the denial, the caller's
+    /// tier bucket (`{<key>}:t:<tier>`, so a caller moved to another tier is not answered by the
+    /// old tier's denial) and the route. The cache also checks the policy's id (a reload).
     fn cache_key(&self) -> Cow<'_, str> {
         match self.route {
             Some(r) => Cow::Owned(format!(
                 "{}\u{0}{}",
-                self.key(),
+                self.tier_key,
                 self.policy.route_at(r).name()
             )),
-            None => Cow::Borrowed(self.key()),
+            None => Cow::Borrowed(&self.tier_key),
         }
     }
 
@@ -319,12 +321,14 @@ impl Shared {
         };
         if !plan.policy.is_shadow()
             && let Some(cache) = &self.denied
-            && !cache.is_empty()
         {
-            let now = Instant::now();
-            if let Some(denied) = cache.get(&plan.cache_key(), now) {
-                let decision = denied.at(now);
-                return Ok(self.deny(&plan, denied.binding, &[denied.binding], decision, true));
+            cache.follow(plan.policy.id());
+            if !cache.is_empty() {
+                let now = Instant::now();
+                if let Some(denied) = cache.get(&plan.cache_key(), now, plan.policy.id()) {
+                    let decision = denied.at(now);
+                    return Ok(self.deny(&plan, denied.binding, &[denied.binding], decision, true));
+                }
             }
         }
         let started = Instant::now();
@@ -479,6 +483,7 @@ impl Shared {
                 decision,
                 binding,
                 verdict.retry_after(),
+                plan.policy.id(),
             );
         }
         let decision = Decision {

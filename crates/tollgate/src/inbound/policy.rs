@@ -173,7 +173,13 @@ pub struct Policy {
     shadow: bool,
     exempt_paths: Vec<PathPattern>,
     exempt_keys: HashSet<String>,
+    /// Unique per built policy (clones share it): what state derived from a policy, such as the
+    /// denied-until cache, checks to follow a reload.
+    id: u64,
 }
+
+/// The id of the next policy built.
+static NEXT_POLICY_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 #[derive(Debug, Clone)]
 pub(crate) struct Tier {
@@ -349,6 +355,7 @@ impl PolicyBuilder {
             shadow: self.shadow,
             exempt_paths: self.exempt_paths,
             exempt_keys: self.exempt_keys,
+            id: NEXT_POLICY_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 }
@@ -427,6 +434,11 @@ impl Policy {
     /// Whether the identity key is exempt.
     pub fn is_exempt_key(&self, key: &str) -> bool {
         self.exempt_keys.contains(key)
+    }
+
+    /// Unique per built policy: a reload installs another id.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 }
 
