@@ -101,7 +101,7 @@ async fn flood(cache: bool, duration: Duration) -> Result<Flood, BoxError> {
         builder = builder.denied_cache(None);
     }
     let service = ServiceBuilder::new()
-        .layer(builder.build())
+        .layer(builder.build()?)
         .service(service_fn(|_: Request<()>| async {
             Ok::<_, Infallible>(Response::new(String::from("ok")))
         }));

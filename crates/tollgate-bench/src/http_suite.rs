@@ -67,7 +67,7 @@ fn tollgate_layer(
         .build()?;
     Ok(RateLimitLayer::builder(policy, Global::new("all"))
         .store(store)
-        .build())
+        .build()?)
 }
 
 fn governed() -> Result<Router, BoxError> {

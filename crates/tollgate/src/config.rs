@@ -605,7 +605,14 @@ impl Config {
                 });
             }
         };
-        Ok(builder.build())
+        // Everything `build` checks was checked against the file already; a mistake here is in a
+        // configuration changed after loading.
+        builder.build().map_err(|e| ConfigError {
+            file: PathBuf::new(),
+            line: None,
+            field: None,
+            message: e.to_string(),
+        })
     }
 
     #[cfg(feature = "redis")]

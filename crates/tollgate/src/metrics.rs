@@ -11,6 +11,8 @@
 //! | `rate_limiter_circuit_open` | gauge | `store` (1 while the breaker is open) |
 //! | `rate_limiter_wait_seconds` | histogram | `bucket` (outbound) |
 //! | `rate_limiter_upstream_limited_total` | counter | `bucket` (outbound: upstream 429/503) |
+//! | `rate_limiter_misconfigured_total` | counter | `reason` = no_peer_address / unknown_tier (inbound: answered 500) |
+//! | `rate_limiter_store_compensation_errors_total` | counter | `store`, `op` = undo / cancel (a charge that could not be given back) |
 
 /// Requests decided, by `tier` and `outcome`.
 pub const REQUESTS_TOTAL: &str = "rate_limiter_requests_total";
@@ -28,6 +30,15 @@ pub const CIRCUIT_OPEN: &str = "rate_limiter_circuit_open";
 pub const WAIT_SECONDS: &str = "rate_limiter_wait_seconds";
 /// Upstream 429 / 503 answers seen by outbound calls, by `bucket`.
 pub const UPSTREAM_LIMITED_TOTAL: &str = "rate_limiter_upstream_limited_total";
+
+/// Requests the inbound layer could not decide as the server is set up (answered 500), by
+/// `reason`: `no_peer_address` (the server gives no client address), `unknown_tier` (an
+/// extractor returned a tier the policy lacks).
+pub const MISCONFIGURED_TOTAL: &str = "rate_limiter_misconfigured_total";
+/// Compensating writes that failed, by `store` and `op`: `undo` (a cross-slot charge taken back
+/// after a later slot denied) or `cancel` (a reservation given back by a dropped wait). The
+/// charge stays until it expires, which errs toward denial.
+pub const COMPENSATION_ERRORS_TOTAL: &str = "rate_limiter_store_compensation_errors_total";
 
 /// The `outcome` label values.
 pub mod outcome {

@@ -97,7 +97,7 @@ async fn server(quota: Quota, cache: bool) -> (common::TestServer, CountingStore
     if !cache {
         builder = builder.denied_cache(None);
     }
-    let app = common::routes().layer(builder.build());
+    let app = common::routes().layer(builder.build().expect("a valid layer"));
     (common::serve(app).await, store)
 }
 

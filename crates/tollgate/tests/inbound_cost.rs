@@ -17,8 +17,9 @@ async fn a_cost_above_the_capacity_is_403_not_429() {
         .route(Route::new("/api/reports").method(Method::POST).cost(5))
         .build()
         .unwrap();
-    let layer =
-        RateLimitLayer::builder(policy, ClientIp::new("tiny", TrustedProxies::none())).build();
+    let layer = RateLimitLayer::builder(policy, ClientIp::new("tiny", TrustedProxies::none()))
+        .build()
+        .expect("a valid layer");
     let server = common::serve(common::routes().layer(layer)).await;
     let client = common::client();
     let r = client
@@ -48,7 +49,8 @@ async fn every_violated_policy_is_named() {
         .unwrap();
     let layer = RateLimitLayer::builder(policy, ClientIp::new("t", TrustedProxies::none()))
         .denied_cache(None)
-        .build();
+        .build()
+        .expect("a valid layer");
     let server = common::serve(common::routes().layer(layer)).await;
     let client = common::client();
     for _ in 0..2 {

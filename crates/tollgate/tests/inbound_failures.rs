@@ -298,7 +298,8 @@ async fn local_limits_in_memory_while_redis_is_down_and_returns_to_it() {
             failure_threshold: 3,
             open_for: Duration::from_millis(500),
         })
-        .build();
+        .build()
+        .expect("a valid layer");
     let server = common::serve(app().layer(layer)).await;
     let url = server.url("/api/hello");
     let client = common::client();
@@ -501,7 +502,8 @@ async fn fail_closed_answers_503_with_retry_after() {
             failure_threshold: 3,
             open_for: Duration::from_millis(500),
         })
-        .build();
+        .build()
+        .expect("a valid layer");
     let server = common::serve(app().layer(layer)).await;
     let url = server.url("/api/hello");
     let client = common::client();
@@ -595,7 +597,8 @@ async fn fail_open_lets_requests_through_counted_as_store_errors() {
             failure_threshold: 3,
             open_for: Duration::from_millis(500),
         })
-        .build();
+        .build()
+        .expect("a valid layer");
     let server = common::serve(app().layer(layer)).await;
     let url = server.url("/api/decision");
     let client = common::client();

@@ -21,8 +21,9 @@ async fn plain_hyper_server() {
         .tier("anonymous", Quota::per_hour(3).unwrap())
         .build()
         .unwrap();
-    let layer =
-        RateLimitLayer::builder(policy, ClientIp::new("anonymous", TrustedProxies::none())).build();
+    let layer = RateLimitLayer::builder(policy, ClientIp::new("anonymous", TrustedProxies::none()))
+        .build()
+        .expect("a valid layer");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {

@@ -143,12 +143,22 @@ async fn metrics_match_the_responses() {
         .shadow(true)
         .build()
         .unwrap();
-    let enforcing =
-        common::serve(app().layer(RateLimitLayer::builder(enforcing, common::by_header).build()))
-            .await;
-    let shadow =
-        common::serve(app().layer(RateLimitLayer::builder(shadow, common::by_header).build()))
-            .await;
+    let enforcing = common::serve(
+        app().layer(
+            RateLimitLayer::builder(enforcing, common::by_header)
+                .build()
+                .expect("a valid layer"),
+        ),
+    )
+    .await;
+    let shadow = common::serve(
+        app().layer(
+            RateLimitLayer::builder(shadow, common::by_header)
+                .build()
+                .expect("a valid layer"),
+        ),
+    )
+    .await;
     let client = common::client();
     let mut tally = Tally::default();
 

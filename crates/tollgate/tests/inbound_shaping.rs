@@ -86,7 +86,9 @@ fn check(label: &str, answers: &[(u16, Duration)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shaped_tier_delays_then_denies_with_a_built_in_extractor() {
-    let layer = RateLimitLayer::builder(shaping_policy(), Global::new("shaped")).build();
+    let layer = RateLimitLayer::builder(shaping_policy(), Global::new("shaped"))
+        .build()
+        .expect("a valid layer");
     let server = common::serve(common::routes().layer(layer)).await;
     let answers = burst(&server, 6).await;
     check("Global", &answers);
@@ -97,7 +99,9 @@ async fn a_shaped_tier_delays_then_denies_with_a_closure_extractor() {
     let extractor = |_: &Request<axum::body::Body>| {
         ready(Ok::<_, Rejection>(Identity::new("everyone", "shaped")))
     };
-    let layer = RateLimitLayer::builder(shaping_policy(), extractor).build();
+    let layer = RateLimitLayer::builder(shaping_policy(), extractor)
+        .build()
+        .expect("a valid layer");
     let server = common::serve(common::routes().layer(layer)).await;
     let answers = burst(&server, 6).await;
     check("closure", &answers);

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use tollgate_core::{Decision, DynStore, Limit, MemoryStore, Outcome, StoreError, Verdict};
 
-use super::identity::{Identity, TIER_KEY_EXTRA};
+use super::identity::{Identity, Rejection, TIER_KEY_EXTRA};
 use super::policy::{LimitInfo, Policy, PolicyHandle, Tier};
 use crate::breaker::{Admission, CircuitBreaker};
 use crate::client_ip::fingerprint;
@@ -70,6 +70,9 @@ pub(crate) struct Shared {
     pub(crate) denied: Option<DeniedCache>,
     /// `rate_limiter_store_latency_seconds{store}`, registered on first use.
     pub(crate) latency: std::sync::OnceLock<metrics::Histogram>,
+    /// Whether a misconfiguration was logged already (the log says it once; the metric counts
+    /// every request).
+    pub(crate) misconfigured: std::sync::atomic::AtomicBool,
 }
 
 /// The headers to add to the response of a forwarded request.
@@ -240,7 +243,7 @@ fn problem_response(status: StatusCode, body: String) -> Response<Bytes> {
 }
 
 /// The 401 of a request whose credentials are not known.
-pub(crate) fn unauthorized(detail: &str) -> Response<Bytes> {
+fn unauthorized(detail: &str) -> Response<Bytes> {
     let mut response = problem_response(
         StatusCode::UNAUTHORIZED,
         headers::problem(401, "Unauthorized", detail),
@@ -269,6 +272,34 @@ fn breach(plan: &Plan) {
 }
 
 impl Shared {
+    /// The answer to a request the extractor could not identify.
+    pub(crate) fn reject(&self, rejection: &Rejection) -> Response<Bytes> {
+        match rejection {
+            Rejection::Unauthorized { detail } => unauthorized(detail),
+            Rejection::BadRequest { detail } => problem_response(
+                StatusCode::BAD_REQUEST,
+                headers::problem(400, "Bad Request", detail),
+            ),
+            Rejection::Misconfigured { reason, detail } => self.misconfigured(reason, detail),
+        }
+    }
+
+    /// A request that cannot be decided as the server is set up: said once in the log (at error
+    /// level: the operator must act), counted every time, answered 500 with the fix.
+    fn misconfigured(&self, reason: &'static str, detail: &str) -> Response<Bytes> {
+        metrics::counter!(m::MISCONFIGURED_TOTAL, "reason" => reason).increment(1);
+        if !self
+            .misconfigured
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::error!(reason, "rate limiter misconfigured: {detail}");
+        }
+        problem_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            headers::problem(500, "Rate Limiter Misconfigured", detail),
+        )
+    }
+
     /// Works out the limits of a request and what the cache or a store without I/O says; returns
     /// the plan to decide asynchronously otherwise.
     pub(crate) fn plan<B>(
@@ -285,9 +316,11 @@ impl Shared {
             });
         }
         let Some(tier) = policy.tier_index(&identity.tier) else {
-            return Ok(Next::Respond(unauthorized(
-                "The caller's tier is not configured.",
-            )));
+            let detail = format!(
+                "The key extractor put the caller in tier `{}`, which the policy does not define.",
+                identity.tier
+            );
+            return Ok(Next::Respond(self.misconfigured("unknown_tier", &detail)));
         };
         let route = policy.route_index(request.method(), request.uri().path());
         let cost = route.map_or(1, |r| policy.route_at(r).request_cost());

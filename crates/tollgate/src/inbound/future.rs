@@ -10,12 +10,17 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::engine::{After, Next, Plan, Shared, unauthorized};
+use super::engine::{After, Next, Plan, Shared};
 use super::identity::{Identity, Rejection};
 use super::policy::Policy;
 use crate::body::ResponseBody;
 
 type Decision = Pin<Box<dyn Future<Output = Next> + Send>>;
+
+/// The panic of a future polled again after it returned `Ready` (a state's request or response
+/// was handed on already), as tower's futures say it: returning `Pending` instead would hang the
+/// caller, since no waker was registered.
+const POLLED_AFTER_COMPLETION: &str = "tollgate's ResponseFuture polled after completion";
 
 /// What a request carries between states: the ready inner service and the request itself.
 struct Pending<S, B> {
@@ -162,12 +167,10 @@ where
             let next = match this.state.as_mut().project() {
                 StateProj::Identify { identify, pending } => {
                     let identity = ready!(identify.poll(cx));
-                    let Some((p, policy)) = pending.take() else {
-                        return Poll::Pending;
-                    };
+                    let (p, policy) = pending.take().expect(POLLED_AFTER_COMPLETION);
                     match identity {
-                        Err(Rejection::Unauthorized { detail }) => State::Respond {
-                            response: Some(unauthorized(&detail)),
+                        Err(rejection) => State::Respond {
+                            response: Some(p.shared.reject(&rejection)),
                         },
                         Ok(identity) => match p.shared.plan(policy, identity, &p.request) {
                             Ok(next) => Self::advance(next, p),
@@ -180,9 +183,7 @@ where
                 }
                 StateProj::Decide { decision, pending } => {
                     let next = ready!(decision.as_mut().poll(cx));
-                    let Some(p) = pending.take() else {
-                        return Poll::Pending;
-                    };
+                    let p = pending.take().expect(POLLED_AFTER_COMPLETION);
                     Self::advance(next, p)
                 }
                 StateProj::Delay {
@@ -191,9 +192,7 @@ where
                     after,
                 } => {
                     ready!(sleep.as_mut().poll(cx));
-                    let Some(mut p) = pending.take() else {
-                        return Poll::Pending;
-                    };
+                    let mut p = pending.take().expect(POLLED_AFTER_COMPLETION);
                     State::Call {
                         call: p.inner.call(p.request),
                         after: after.take(),
@@ -208,9 +207,7 @@ where
                     return Poll::Ready(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
                 }
                 StateProj::Respond { response } => {
-                    let Some(response) = response.take() else {
-                        return Poll::Pending;
-                    };
+                    let response = response.take().expect(POLLED_AFTER_COMPLETION);
                     return Poll::Ready(Ok(response.map(ResponseBody::full)));
                 }
             };

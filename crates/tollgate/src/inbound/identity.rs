@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 use std::future::{Future, Ready, ready};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use http::{HeaderName, Request, header};
 
+use super::layer::BuildError;
 use crate::client_ip::{
     DEFAULT_V6_PREFIX, MAX_KEY_LEN, TrustedProxies, bounded_key, client_ip, push_ip_key,
 };
@@ -56,7 +57,8 @@ fn prefixed_key(prefix: &str, rest: &str, tier: &str) -> String {
     key
 }
 
-/// Why a request gets no identity: it is answered without reaching the service.
+/// Why a request gets no identity: it is answered without reaching the service, with an
+/// `application/problem+json` body saying why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Rejection {
@@ -65,7 +67,29 @@ pub enum Rejection {
         /// Said in the problem+json body.
         detail: String,
     },
+    /// 400: the request is ambiguous about who it is (more than one credential).
+    BadRequest {
+        /// Said in the problem+json body.
+        detail: String,
+    },
+    /// 500: the server is set up so that the caller cannot be known (no peer address, a tier
+    /// the policy lacks). Never a guess: every such request would land in one bucket. The layer
+    /// logs it (once) and counts it in `rate_limiter_misconfigured_total{reason}`.
+    Misconfigured {
+        /// A short, stable name for the metric's `reason` label (`no_peer_address`,
+        /// `unknown_tier`).
+        reason: &'static str,
+        /// What is wrong and how to fix it, said in the log and the problem+json body.
+        detail: String,
+    },
 }
+
+/// The detail of the rejection of a request without a peer address.
+const NO_PEER_ADDRESS: &str = "The server gives the rate limiter no client address, so it \
+    cannot tell anonymous callers apart. Serve the app with \
+    `into_make_service_with_connect_info::<SocketAddr>()` (axum, feature `axum`), or insert a \
+    `tollgate::inbound::PeerAddr` into each request (other servers); or choose a shared key for \
+    such requests with `ClientIp::fallback_key`.";
 
 /// Finds the [`Identity`] of a request. Async-capable, so a lookup can hit a database.
 ///
@@ -121,37 +145,41 @@ where
 pub struct PeerAddr(pub SocketAddr);
 
 /// The address the request came from: axum's `ConnectInfo<SocketAddr>` (feature `axum`) or
-/// [`PeerAddr`]; `0.0.0.0` when neither is there (all such requests then share one key).
-pub fn peer_ip<B>(request: &Request<B>) -> IpAddr {
+/// [`PeerAddr`]; `None` when neither is there (the server was not set up to say).
+pub fn peer_ip<B>(request: &Request<B>) -> Option<IpAddr> {
     #[cfg(feature = "axum")]
     if let Some(info) = request
         .extensions()
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
     {
-        return info.0.ip();
+        return Some(info.0.ip());
     }
-    request
-        .extensions()
-        .get::<PeerAddr>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip())
+    request.extensions().get::<PeerAddr>().map(|p| p.0.ip())
 }
 
-/// Keys requests by client IP address (`ip:...`, IPv6 grouped per /64), believing
-/// `X-Forwarded-For` / `Forwarded` only from trusted proxies; every caller is in one tier.
+/// Keys requests by client IP address (`ip:...`, IPv6 grouped per /64), believing the
+/// forwarding header of the [`TrustedProxies`] only from them; every caller is in one tier.
+///
+/// The address comes from the connection ([`peer_ip`]). A request without one (a server not set
+/// up to provide it) is **not** guessed at: it is answered 500 with a problem body naming the
+/// fix, logged once and counted (`rate_limiter_misconfigured_total{reason="no_peer_address"}`),
+/// unless you chose a shared key for such requests with [`fallback_key`](Self::fallback_key).
 #[derive(Debug, Clone)]
 pub struct ClientIp {
     trusted: Arc<TrustedProxies>,
     tier: Arc<str>,
     v6_prefix: u8,
+    fallback: Option<Arc<str>>,
 }
 
 impl ClientIp {
-    /// Callers in `tier`, trusting the forwarding headers from `trusted` peers.
+    /// Callers in `tier`, trusting the forwarding header from `trusted` peers.
     pub fn new(tier: &str, trusted: TrustedProxies) -> ClientIp {
         ClientIp {
             trusted: Arc::new(trusted),
             tier: tier.into(),
             v6_prefix: DEFAULT_V6_PREFIX,
+            fallback: None,
         }
     }
 
@@ -161,16 +189,46 @@ impl ClientIp {
         self
     }
 
-    fn identity<B>(&self, request: &Request<B>) -> Identity {
-        let ip = client_ip(peer_ip(request), request.headers(), &self.trusted);
+    /// Puts every request without a peer address under this one key (bounded as
+    /// [`Identity::new`] bounds keys), instead of answering it 500: **all such callers then share
+    /// one bucket**. For servers that truly cannot know the address (some test harnesses, a
+    /// Unix socket behind a proxy that sends no forwarding header).
+    pub fn fallback_key(mut self, key: &str) -> ClientIp {
+        self.fallback = Some(bounded_key(key).into());
+        self
+    }
+
+    /// The tier of every caller.
+    pub(crate) fn tier(&self) -> &Arc<str> {
+        &self.tier
+    }
+
+    fn identity<B>(&self, request: &Request<B>) -> Result<Identity, Rejection> {
+        let Some(peer) = peer_ip(request) else {
+            return match &self.fallback {
+                Some(key) => {
+                    let mut owned = key_buffer(key.len(), &self.tier);
+                    owned.push_str(key);
+                    Ok(Identity {
+                        key: owned,
+                        tier: Arc::clone(&self.tier),
+                    })
+                }
+                None => Err(Rejection::Misconfigured {
+                    reason: "no_peer_address",
+                    detail: NO_PEER_ADDRESS.to_owned(),
+                }),
+            };
+        };
+        let ip = client_ip(peer, request.headers(), &self.trusted);
         // The longest IP key: an IPv6 address and its prefix length.
         let mut key = key_buffer("ip:".len() + 39 + 4, &self.tier);
         key.push_str("ip:");
         push_ip_key(&mut key, ip, self.v6_prefix);
-        Identity {
+        Ok(Identity {
             key,
             tier: Arc::clone(&self.tier),
-        }
+        })
     }
 }
 
@@ -178,11 +236,11 @@ impl<B> KeyExtractor<B> for ClientIp {
     type Future = Ready<Result<Identity, Rejection>>;
 
     fn extract(&self, request: &Request<B>) -> Self::Future {
-        ready(Ok(self.identity(request)))
+        ready(self.identity(request))
     }
 
     fn extract_now(&self, request: &Request<B>) -> Option<Result<Identity, Rejection>> {
-        Some(Ok(self.identity(request)))
+        Some(self.identity(request))
     }
 }
 
@@ -196,6 +254,11 @@ impl Global {
     /// Every request is the caller `global` in `tier`.
     pub fn new(tier: &str) -> Global {
         Global { tier: tier.into() }
+    }
+
+    /// The tier of every caller.
+    pub(crate) fn tier(&self) -> &Arc<str> {
+        &self.tier
     }
 }
 
@@ -222,8 +285,13 @@ impl<B> KeyExtractor<B> for Global {
     }
 }
 
-/// Keys requests by the value of a header (`header:<value>`); requests without it are keyed by
-/// client IP. Every caller is in one tier.
+/// Keys requests by the value of a header; requests without it are keyed by client IP. Every
+/// caller is in one tier.
+///
+/// The key keeps the value's bytes exactly, so two different values never share a bucket: a
+/// value that is valid UTF-8 is keyed `header:<value>`; any other (HTTP allows bytes 0x80–0xFF in
+/// values) is keyed `header#<hex of its bytes>`, which no UTF-8 value can produce. Long keys are
+/// bounded as [`Identity::new`] bounds them.
 #[derive(Debug, Clone)]
 pub struct HeaderValueKey {
     header: HeaderName,
@@ -235,34 +303,47 @@ impl HeaderValueKey {
     pub fn new(header: HeaderName, fallback: ClientIp) -> HeaderValueKey {
         HeaderValueKey { header, fallback }
     }
+
+    /// The tier of every caller.
+    pub(crate) fn tier(&self) -> &Arc<str> {
+        &self.fallback.tier
+    }
 }
 
 impl<B> KeyExtractor<B> for HeaderValueKey {
     type Future = Ready<Result<Identity, Rejection>>;
 
     fn extract(&self, request: &Request<B>) -> Self::Future {
-        ready(Ok(self.identity(request)))
+        ready(self.identity(request))
     }
 
     fn extract_now(&self, request: &Request<B>) -> Option<Result<Identity, Rejection>> {
-        Some(Ok(self.identity(request)))
+        Some(self.identity(request))
     }
 }
 
 impl HeaderValueKey {
-    fn identity<B>(&self, request: &Request<B>) -> Identity {
-        match request.headers().get(&self.header) {
-            // Any bytes will do as a key: non-UTF-8 is hex-escaped by the lossless debug form.
-            Some(value) => Identity {
-                key: prefixed_key(
-                    "header:",
-                    &String::from_utf8_lossy(value.as_bytes()),
-                    &self.fallback.tier,
-                ),
-                tier: Arc::clone(&self.fallback.tier),
-            },
-            None => self.fallback.identity(request),
-        }
+    fn identity<B>(&self, request: &Request<B>) -> Result<Identity, Rejection> {
+        let Some(value) = request.headers().get(&self.header) else {
+            return self.fallback.identity(request);
+        };
+        let tier = &self.fallback.tier;
+        let key = match std::str::from_utf8(value.as_bytes()) {
+            Ok(text) => prefixed_key("header:", text, tier),
+            Err(_) => {
+                use std::fmt::Write as _;
+                let mut hex = String::with_capacity(2 * value.len());
+                for b in value.as_bytes() {
+                    // Writing into a String cannot fail.
+                    let _ = write!(hex, "{b:02x}");
+                }
+                prefixed_key("header#", &hex, tier)
+            }
+        };
+        Ok(Identity {
+            key,
+            tier: Arc::clone(tier),
+        })
     }
 }
 
@@ -316,17 +397,77 @@ impl ApiKeys {
         Arc::clone(&self.table.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn presented<B>(request: &Request<B>) -> Option<&[u8]> {
-        if let Some(v) = request.headers().get("x-api-key") {
-            return Some(v.as_bytes());
+    /// The checks [`RateLimitLayerBuilder::build`](super::RateLimitLayerBuilder::build) makes:
+    /// every tier named is in the policy, and no key is empty.
+    pub(crate) fn check(&self, tier_known: impl Fn(&str) -> bool) -> Result<(), BuildError> {
+        let table = self.current();
+        let anonymous = &table.anonymous.tier;
+        if !tier_known(anonymous) {
+            return Err(BuildError::UnknownTier {
+                tier: anonymous.to_string(),
+                used_by: "callers without an API key".to_owned(),
+            });
         }
-        // `Bearer` with an empty token (HTTP strips the trailing space of `Bearer `) is a
-        // credential presented, and not a known one: a 401, never anonymous.
-        let auth = request.headers().get(header::AUTHORIZATION)?.as_bytes();
-        let (scheme, token) = auth.split_at_checked(6)?;
-        (scheme.eq_ignore_ascii_case(b"bearer")
-            && token.first().is_none_or(|b| matches!(b, b' ' | b'\t')))
-        .then(|| token.trim_ascii())
+        let mut keys: Vec<(&String, &ApiKeyEntry)> = table.keys.iter().collect();
+        keys.sort_by(|a, b| a.1.user.cmp(&b.1.user));
+        for (key, entry) in keys {
+            let reason = if key.is_empty() {
+                Some("it is empty, so a request with an empty X-Api-Key header would match it")
+            } else if key.trim() != key {
+                Some("it starts or ends with whitespace, which HTTP strips from header values")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(BuildError::InvalidApiKey {
+                    user: entry.user.clone(),
+                    reason,
+                });
+            }
+            if !tier_known(&entry.tier) {
+                return Err(BuildError::UnknownTier {
+                    tier: entry.tier.to_string(),
+                    used_by: format!("the API key of user `{}`", entry.user),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The credential of a request: `None` without one; a rejection when it presents more than
+    /// one (two `X-Api-Key` headers, or one beside a bearer token: which is meant is a guess).
+    fn presented<B>(request: &Request<B>) -> Result<Option<&[u8]>, Rejection> {
+        let headers = request.headers();
+        let mut found: Option<&[u8]> = None;
+        let mut count = 0;
+        for value in headers.get_all("x-api-key") {
+            found = Some(value.as_bytes());
+            count += 1;
+        }
+        for auth in headers.get_all(header::AUTHORIZATION) {
+            // `Bearer` with an empty token (HTTP strips the trailing space of `Bearer `) is a
+            // credential presented, and not a known one: a 401, never anonymous.
+            let token = auth
+                .as_bytes()
+                .split_at_checked(6)
+                .and_then(|(scheme, token)| {
+                    (scheme.eq_ignore_ascii_case(b"bearer")
+                        && token.first().is_none_or(|b| matches!(b, b' ' | b'\t')))
+                    .then(|| token.trim_ascii())
+                });
+            if let Some(token) = token {
+                found = Some(token);
+                count += 1;
+            }
+        }
+        if count > 1 {
+            return Err(Rejection::BadRequest {
+                detail: "More than one credential was presented (X-Api-Key headers and bearer \
+                         tokens together); send exactly one."
+                    .to_owned(),
+            });
+        }
+        Ok(found)
     }
 }
 
@@ -345,8 +486,8 @@ impl<B> KeyExtractor<B> for ApiKeys {
 impl ApiKeys {
     fn identify<B>(&self, request: &Request<B>) -> Result<Identity, Rejection> {
         let table = self.current();
-        let Some(presented) = Self::presented(request) else {
-            return Ok(table.anonymous.identity(request));
+        let Some(presented) = Self::presented(request)? else {
+            return table.anonymous.identity(request);
         };
         let entry = std::str::from_utf8(presented)
             .ok()
@@ -446,6 +587,75 @@ mod tests {
         let id = now(k.extract(&request(&[("x-user", &long)]))).unwrap();
         assert!(id.key.len() <= crate::client_ip::MAX_KEY_LEN);
         let id = now(k.extract(&request(&[("x-user", b"\xff")]))).unwrap();
-        assert!(id.key.starts_with("header:"));
+        assert_eq!(id.key, "header#ff");
+    }
+
+    #[test]
+    fn header_keys_keep_every_byte() {
+        let k = HeaderValueKey::new(
+            HeaderName::from_static("x-user"),
+            ClientIp::new("basic", TrustedProxies::none()),
+        );
+        let key = |value: &[u8]| now(k.extract(&request(&[("x-user", value)]))).unwrap().key;
+        // Lossy decoding made these three one key (U+FFFD each).
+        let values: [&[u8]; 5] = [b"a\xffb", b"a\xfeb", "a\u{FFFD}b".as_bytes(), b"a", b"61"];
+        let keys: std::collections::HashSet<String> = values.iter().map(|v| key(v)).collect();
+        assert_eq!(keys.len(), values.len(), "{keys:?}");
+        assert_eq!(key(b"a\xffb"), "header#61ff62");
+        assert_eq!(key("caf\u{e9}".as_bytes()), "header:caf\u{e9}");
+    }
+
+    #[test]
+    fn more_than_one_credential_is_refused() {
+        let k = keys();
+        let two: [&[(&str, &[u8])]; 3] = [
+            &[("x-api-key", b"key-alice"), ("x-api-key", b"key-alice")],
+            &[("x-api-key", b"nope"), ("x-api-key", b"key-alice")],
+            &[
+                ("x-api-key", b"key-alice"),
+                ("authorization", b"Bearer key-alice"),
+            ],
+        ];
+        for headers in two {
+            assert!(
+                matches!(
+                    now(k.extract(&request(headers))),
+                    Err(Rejection::BadRequest { .. })
+                ),
+                "{headers:?}"
+            );
+        }
+        // A Basic credential beside an API key is not a second API key.
+        let one = now(k.extract(&request(&[
+            ("x-api-key", b"key-alice"),
+            ("authorization", b"Basic Zm9v"),
+        ])))
+        .unwrap();
+        assert_eq!(one.key, "user:alice");
+        // An empty header is a credential presented and not known.
+        assert!(matches!(
+            now(k.extract(&request(&[("x-api-key", b"")]))),
+            Err(Rejection::Unauthorized { .. })
+        ));
+    }
+
+    #[test]
+    fn a_request_without_a_peer_address_is_not_guessed_at() {
+        let ip = ClientIp::new("anonymous", TrustedProxies::none());
+        let bare = Request::new(());
+        match now(KeyExtractor::<()>::extract(&ip, &bare)) {
+            Err(Rejection::Misconfigured { reason, detail }) => {
+                assert_eq!(reason, "no_peer_address");
+                assert!(
+                    detail.contains("into_make_service_with_connect_info"),
+                    "{detail}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unless a shared key was chosen for such requests.
+        let shared = ip.fallback_key("ip:unknown");
+        let id = now(KeyExtractor::<()>::extract(&shared, &bare)).unwrap();
+        assert_eq!((id.key.as_str(), &*id.tier), ("ip:unknown", "anonymous"));
     }
 }

@@ -7,6 +7,7 @@ use tollgate_core::{DynStore, MemoryStore, Store};
 use tower_layer::Layer;
 
 use super::engine::{OnStoreError, Shared};
+use super::identity::{ApiKeys, ClientIp, Global, HeaderValueKey};
 use super::policy::{Policy, PolicyHandle};
 use super::service::RateLimit;
 use crate::breaker::{BreakerConfig, CircuitBreaker};
@@ -16,6 +17,32 @@ use crate::denied::DeniedCache;
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
 /// The default number of denials the denied-until cache remembers.
 pub const DEFAULT_DENIED_CACHE: usize = 100_000;
+/// The longest store timeout the layer accepts; longer ones are cut to it. A rate limiter that
+/// waits minutes for its store has stopped protecting anything.
+pub const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A mistake [`RateLimitLayerBuilder::build`] finds: the layer would answer some requests wrongly
+/// on every call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The key extractor puts callers in a tier the policy does not define.
+    #[error("tier `{tier}` (of {used_by}) is not in the policy")]
+    UnknownTier {
+        /// The tier.
+        tier: String,
+        /// Who would be put in it.
+        used_by: String,
+    },
+    /// An API key that a request could never present as meant.
+    #[error("the API key of user `{user}` is invalid: {reason}")]
+    InvalidApiKey {
+        /// The key's user.
+        user: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
 
 /// Rate-limits the requests of the services it wraps. `Clone`; every clone and every service it
 /// makes share one state.
@@ -104,10 +131,11 @@ impl<K> RateLimitLayerBuilder<K> {
         self
     }
 
-    /// The longest a store call may take before the failure policy applies (default 50 ms). It
-    /// bounds the latency the layer adds to a request (a leaky bucket's shaping delay aside).
+    /// The longest a store call may take before the failure policy applies (default 50 ms, at
+    /// most [`MAX_STORE_TIMEOUT`]). It bounds the latency the layer adds to a request (a leaky
+    /// bucket's shaping delay aside).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = timeout.min(MAX_STORE_TIMEOUT);
         self
     }
 
@@ -129,10 +157,17 @@ impl<K> RateLimitLayerBuilder<K> {
         self
     }
 
-    /// Builds the layer.
-    pub fn build(self) -> RateLimitLayer<K> {
+    /// Builds the layer, checking the built-in key extractors ([`ApiKeys`], [`ClientIp`],
+    /// [`HeaderValueKey`], [`Global`]) against the policy: every tier they can put a caller in
+    /// must be defined, and no API key may be empty. (Your own extractors are not known here: a
+    /// tier one of them returns that the policy lacks is answered 500, logged and counted.)
+    pub fn build(self) -> Result<RateLimitLayer<K>, BuildError>
+    where
+        K: 'static,
+    {
+        check_extractor(&self.extractor, &self.policy)?;
         let store: Arc<dyn DynStore> = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
-        RateLimitLayer {
+        Ok(RateLimitLayer {
             shared: Arc::new(Shared {
                 policy: PolicyHandle::new(self.policy),
                 store_kind: store.kind_dyn(),
@@ -145,8 +180,35 @@ impl<K> RateLimitLayerBuilder<K> {
                 timeout: self.timeout,
                 denied: self.denied_cache.map(DeniedCache::new),
                 latency: std::sync::OnceLock::new(),
+                misconfigured: std::sync::atomic::AtomicBool::new(false),
             }),
             extractor: self.extractor,
+        })
+    }
+}
+
+/// Checks a built-in extractor against the policy (others pass: they cannot be looked into).
+fn check_extractor(extractor: &dyn std::any::Any, policy: &Policy) -> Result<(), BuildError> {
+    let known = |tier: &str| policy.tier(tier).is_some();
+    let single = |tier: &Arc<str>, kind: &str| {
+        if known(tier) {
+            Ok(())
+        } else {
+            Err(BuildError::UnknownTier {
+                tier: tier.to_string(),
+                used_by: format!("every caller of the {kind} extractor"),
+            })
         }
+    };
+    if let Some(keys) = extractor.downcast_ref::<ApiKeys>() {
+        keys.check(known)
+    } else if let Some(ip) = extractor.downcast_ref::<ClientIp>() {
+        single(ip.tier(), "ClientIp")
+    } else if let Some(header) = extractor.downcast_ref::<HeaderValueKey>() {
+        single(header.tier(), "HeaderValueKey")
+    } else if let Some(global) = extractor.downcast_ref::<Global>() {
+        single(global.tier(), "Global")
+    } else {
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@
 //!     .exempt_path("/healthz")
 //!     .build()?;
 //! let limiter = RateLimitLayer::builder(policy, ClientIp::new("anonymous", TrustedProxies::none()))
-//!     .build();
+//!     .build()?;
 //! let app: Router = Router::new()
 //!     .route("/api/hello", get(|| async { "hello" }))
 //!     .route("/healthz", get(|| async { "ok" }))
@@ -61,7 +61,8 @@ pub use identity::{
     Rejection, peer_ip,
 };
 pub use layer::{
-    DEFAULT_DENIED_CACHE, DEFAULT_STORE_TIMEOUT, RateLimitLayer, RateLimitLayerBuilder,
+    BuildError, DEFAULT_DENIED_CACHE, DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, RateLimitLayer,
+    RateLimitLayerBuilder,
 };
 pub use policy::{PathPattern, Policy, PolicyBuilder, PolicyError, PolicyHandle, Route};
 pub use service::RateLimit;

@@ -6,9 +6,9 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::engine::{Next, Shared, unauthorized};
+use super::engine::{Next, Shared};
 use super::future::ResponseFuture;
-use super::identity::{KeyExtractor, Rejection};
+use super::identity::KeyExtractor;
 use crate::body::ResponseBody;
 
 /// Rate-limits the requests to an inner service: see the [module docs](super).
@@ -93,9 +93,7 @@ where
         if let Some(identity) = self.extractor.extract_now(&request) {
             let identity = match identity {
                 Ok(identity) => identity,
-                Err(Rejection::Unauthorized { detail }) => {
-                    return ResponseFuture::respond(unauthorized(&detail));
-                }
+                Err(rejection) => return ResponseFuture::respond(self.shared.reject(&rejection)),
             };
             return match self.shared.plan(policy, identity, &request) {
                 Ok(Next::Forward {

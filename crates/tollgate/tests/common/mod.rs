@@ -54,6 +54,18 @@ pub async fn serve(app: Router) -> TestServer {
     TestServer { addr, task }
 }
 
+/// Serves `app` with axum's plain `into_make_service`: the requests carry no peer address.
+pub async fn serve_plain(app: Router) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app.into_make_service()).await;
+    });
+    TestServer { addr, task }
+}
+
 /// The routes of the example server: `/api/hello`, `POST /api/reports`, `/api/search`, and
 /// `/healthz`; `/api/whoami` echoes the decision the layer put in the request.
 pub fn routes() -> Router {
