@@ -150,6 +150,88 @@ fn unknown_tier_in_api_keys() {
     );
 }
 
+/// Defect 7 of issue 12: configurations that used to load and then misbehave.
+#[test]
+fn a_tier_given_twice() {
+    // The second `basic` used to replace the first silently (10/min became 99999/min).
+    assert_config_error(
+        "  basic:     { requests_per_minute: 100, burst_limit: 20 }\n",
+        "  basic:     { requests_per_minute: 100, burst_limit: 20 }\n  basic:     { requests_per_minute: 99999 }\n",
+        4,
+        &["rate_limits", "`basic` is given twice"],
+    );
+}
+
+#[test]
+fn an_api_key_given_twice() {
+    assert_config_error(
+        "  key-alice: { user: alice, tier: basic }\n",
+        "  key-alice: { user: alice, tier: basic }\n  key-alice: { user: mallory, tier: anonymous }\n",
+        8,
+        &["api_keys", "`key-alice` is given twice"],
+    );
+}
+
+#[test]
+fn an_empty_api_key() {
+    assert_config_error(
+        "  key-alice: { user: alice, tier: basic }",
+        "  \"\": { user: alice, tier: basic }",
+        6,
+        &["api_keys", "empty"],
+    );
+}
+
+#[test]
+fn a_route_cost_no_tier_can_hold() {
+    // It used to load, then answer 403 to every request of the route.
+    assert_config_error(
+        "  - { path: /api/search, limit: { requests_per_minute: 30, burst_limit: 10 } }",
+        "  - { path: /api, cost: 50 }\n  - { path: /api/search, cost: 2 }",
+        5,
+        &["routes[0].cost", "more than any tier can ever allow", "20"],
+    );
+}
+
+#[test]
+fn an_absurd_store_timeout() {
+    assert_config_error(
+        "rate_limits:",
+        "store: { redis: { url: \"redis://127.0.0.1:1\", timeout_ms: 18446744073709551615 } }\nrate_limits:",
+        1,
+        &["store.redis.timeout_ms", "too long", "60000"],
+    );
+}
+
+#[test]
+fn a_store_that_is_neither_memory_nor_redis() {
+    for (store, words) in [
+        ("store: mongo", &["unknown store `mongo`", "memory"][..]),
+        (
+            "store: { memcached: { url: x } }",
+            &["unknown store `memcached`", "redis"],
+        ),
+        (
+            "store: { redis: { url: \"redis://h\", tls: true } }",
+            &["store.redis", "unknown field `tls`"],
+        ),
+    ] {
+        let dir = TempDir::new();
+        let path = dir.write("limits.yaml", &format!("{store}\n{GOOD}"));
+        let path = path.to_str().expect("UTF-8 temp path");
+        let run = run_to_exit(&["--config", path, "--addr", "127.0.0.1:0"]);
+        let error = single_error_line(&run);
+        assert!(
+            error.starts_with(&format!("axum-tiers: {path}:1: ")),
+            "{error}"
+        );
+        assert!(!error.contains("untagged"), "{error}");
+        for word in words {
+            assert!(error.contains(word), "`{word}` missing from: {error}");
+        }
+    }
+}
+
 #[test]
 fn bad_duration() {
     assert_config_error(

@@ -66,8 +66,10 @@ pub const FINGERPRINT_KEY: [u8; 16] = *b"tollgate-fp-v1.0";
 /// At most this many hops are examined, counting from the right.
 const MAX_HOPS: usize = 64;
 
-/// Header values longer than this are not parsed; the walk stops at them.
-const MAX_HEADER_VALUE_LEN: usize = 8 * 1024;
+/// How far back from a comma the walk over `X-Forwarded-For` looks for the previous one: an
+/// entry longer than this (no address is) is garbage, so each hop costs at most this many bytes,
+/// whatever the length of the value.
+const MAX_ENTRY_SCAN: usize = 256;
 
 /// No valid node (`[` IPv6 `]:` port) is longer than this; longer ones are rejected unparsed.
 const MAX_NODE_LEN: usize = 64;
@@ -262,7 +264,64 @@ fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
 // TrustedProxies
 // ---------------------------------------------------------------------------------------------
 
-/// The proxies whose forwarding headers are believed: a set of [`Cidr`] blocks.
+/// The one forwarding header believed from trusted proxies (the other is ignored).
+///
+/// A client can send both headers; a proxy appends its hop to one of them. Were both read, the
+/// client could write the one the proxy does not touch and choose its own address. So the header
+/// your proxies write is named, and only that one is walked: `x-forwarded-for` (the default,
+/// what nginx, HAProxy and most load balancers write) or `forwarded` (RFC 7239).
+///
+/// ```
+/// use tollgate::client_ip::ForwardedHeader;
+///
+/// assert_eq!("forwarded".parse::<ForwardedHeader>().unwrap(), ForwardedHeader::Forwarded);
+/// assert_eq!(ForwardedHeader::default().to_string(), "x-forwarded-for");
+/// assert!("x-real-ip".parse::<ForwardedHeader>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2`.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    /// The header's name, lowercase.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
+    }
+}
+
+impl fmt::Display for ForwardedHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ForwardedHeader {
+    type Err = String;
+
+    /// `x-forwarded-for` or `forwarded`, in any case.
+    fn from_str(s: &str) -> Result<ForwardedHeader, String> {
+        if s.eq_ignore_ascii_case("x-forwarded-for") {
+            Ok(ForwardedHeader::XForwardedFor)
+        } else if s.eq_ignore_ascii_case("forwarded") {
+            Ok(ForwardedHeader::Forwarded)
+        } else {
+            Err(format!(
+                "unknown forwarding header `{s}`: expected x-forwarded-for or forwarded"
+            ))
+        }
+    }
+}
+
+/// The proxies whose forwarding header is believed: a set of [`Cidr`] blocks, and which header
+/// they write ([`ForwardedHeader`], `X-Forwarded-For` unless told otherwise).
 ///
 /// [`TrustedProxies::none`] (the default) trusts nobody, so [`client_ip`] always answers the peer
 /// address. Build one from strings with [`TrustedProxies::parse`] or from [`Cidr`]s with
@@ -282,6 +341,7 @@ fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrustedProxies {
     ranges: Vec<Cidr>,
+    header: ForwardedHeader,
 }
 
 impl TrustedProxies {
@@ -317,12 +377,25 @@ impl TrustedProxies {
     pub fn ranges(&self) -> &[Cidr] {
         &self.ranges
     }
+
+    /// Believes `header` from these proxies instead of `X-Forwarded-For`; the other forwarding
+    /// header is ignored.
+    pub fn with_header(mut self, header: ForwardedHeader) -> TrustedProxies {
+        self.header = header;
+        self
+    }
+
+    /// The forwarding header believed.
+    pub fn header(&self) -> ForwardedHeader {
+        self.header
+    }
 }
 
 impl FromIterator<Cidr> for TrustedProxies {
     fn from_iter<I: IntoIterator<Item = Cidr>>(iter: I) -> TrustedProxies {
         TrustedProxies {
             ranges: iter.into_iter().collect(),
+            header: ForwardedHeader::default(),
         }
     }
 }
@@ -341,10 +414,11 @@ impl Extend<Cidr> for TrustedProxies {
 ///
 /// * If `peer` is not one of the `trusted` proxies, the answer is `peer`: forwarding headers from
 ///   anyone else are ignored, as a client can write whatever it likes in them.
-/// * Otherwise the hops of the forwarding headers are walked from the right (the hop our proxy
-///   appended) to the left, and the first address that is not a trusted proxy is the client.
-///   RFC 7239 `Forwarded` (its `for=` parameters) is used when that header is present, else
-///   `X-Forwarded-For`; every instance of the header counts, in order, as one comma-separated list.
+/// * Otherwise the hops of the forwarding header the proxies write ([`TrustedProxies::header`]:
+///   `X-Forwarded-For`, or the `for=` parameters of RFC 7239 `Forwarded`) are walked from the
+///   right (the hop our proxy appended) to the left, and the first address that is not a trusted
+///   proxy is the client. The other forwarding header is never read. Every instance of the header
+///   counts, in order, as one comma-separated list.
 /// * If every hop is trusted, the answer is the leftmost one.
 /// * A hop that is not an address (malformed, `unknown`, an obfuscated `_identifier`, a
 ///   `Forwarded` element without `for=`) stops the walk: the last trusted address seen is the
@@ -353,7 +427,11 @@ impl Extend<Cidr> for TrustedProxies {
 /// Ports (`203.0.113.7:8080`, `[2001:db8::1]:443`), quoted `Forwarded` values, case-insensitive
 /// parameter names, optional whitespace and empty list entries are accepted. The work is bounded:
 /// at most 64 hops are examined from the right (the walk ends at the 64th as if it were
-/// malformed), and a header value over 8 KiB is not parsed: the walk stops there too.
+/// malformed), however long the value: a client padding the header with kilobytes of its own
+/// entries cannot push the hop our proxy appended out of reach. `X-Forwarded-For` is read from
+/// the right, at most 256 bytes per hop (a longer entry is garbage); `Forwarded`, whose quoted
+/// strings can only be told apart from the left, is scanned once in linear time keeping only its
+/// last 64 elements.
 ///
 /// The address is returned as written; [`ip_key`] folds IPv4-mapped IPv6 into IPv4.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
@@ -365,18 +443,17 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) ->
         current: peer,
         hops: 0,
     };
-    let outcome = if headers.contains_key(FORWARDED) {
-        headers
+    let outcome = match trusted.header {
+        ForwardedHeader::Forwarded => headers
             .get_all(FORWARDED)
             .iter()
             .rev()
-            .try_for_each(|value| walk.forwarded_value(value.as_bytes()))
-    } else {
-        headers
+            .try_for_each(|value| walk.forwarded_value(value.as_bytes())),
+        ForwardedHeader::XForwardedFor => headers
             .get_all(X_FORWARDED_FOR)
             .iter()
             .rev()
-            .try_for_each(|value| walk.x_forwarded_for_value(value.as_bytes()))
+            .try_for_each(|value| walk.x_forwarded_for_value(value.as_bytes())),
     };
     match outcome {
         ControlFlow::Break(ip) => ip,
@@ -421,25 +498,33 @@ impl Walk<'_> {
         }
     }
 
+    /// Walks one `X-Forwarded-For` value from the right, looking at most [`MAX_ENTRY_SCAN`]
+    /// bytes back for each entry's start.
     fn x_forwarded_for_value(&mut self, value: &[u8]) -> ControlFlow<IpAddr> {
-        if value.len() > MAX_HEADER_VALUE_LEN {
-            return ControlFlow::Break(self.current);
-        }
-        value.rsplit(|&b| b == b',').try_for_each(|entry| {
+        let mut rest = value;
+        loop {
+            let window = rest.len().saturating_sub(MAX_ENTRY_SCAN);
+            let (entry, before) = match rest[window..].iter().rposition(|&b| b == b',') {
+                Some(i) => (&rest[window + i + 1..], Some(&rest[..window + i])),
+                None if window == 0 => (rest, None),
+                // No comma within reach: an entry longer than any address.
+                None => return self.step(Hop::Bad),
+            };
             let entry = trim(entry);
             let hop = if entry.is_empty() {
                 Hop::Empty
             } else {
                 parse_node(entry).map_or(Hop::Bad, Hop::Addr)
             };
-            self.step(hop)
-        })
+            self.step(hop)?;
+            match before {
+                Some(before) => rest = before,
+                None => return ControlFlow::Continue(()),
+            }
+        }
     }
 
     fn forwarded_value(&mut self, value: &[u8]) -> ControlFlow<IpAddr> {
-        if value.len() > MAX_HEADER_VALUE_LEN {
-            return ControlFlow::Break(self.current);
-        }
         // Quoted strings may contain commas, so elements are found left to right; only the last
         // MAX_HOPS non-empty ones can ever be looked at, so a ring of that size holds them.
         let mut ring: [&[u8]; MAX_HOPS] = [&[]; MAX_HOPS];
@@ -783,9 +868,14 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// Trusts loopback, 10/8 and fd00::/8.
+    /// Trusts loopback, 10/8 and fd00::/8, which write `X-Forwarded-For`.
     fn proxies() -> TrustedProxies {
         TrustedProxies::parse(&["127.0.0.1", "10.0.0.0/8", "fd00::/8"]).unwrap()
+    }
+
+    /// The same proxies, writing `Forwarded`.
+    fn fwd_proxies() -> TrustedProxies {
+        proxies().with_header(ForwardedHeader::Forwarded)
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -924,7 +1014,7 @@ mod tests {
     fn forged_header_from_an_untrusted_peer_is_ignored() {
         let peer = ip("203.0.113.7");
         assert_eq!(client_ip(peer, &xff("1.2.3.4"), &proxies()), peer);
-        assert_eq!(client_ip(peer, &fwd("for=1.2.3.4"), &proxies()), peer);
+        assert_eq!(client_ip(peer, &fwd("for=1.2.3.4"), &fwd_proxies()), peer);
         // Trusting nobody ignores headers from loopback too.
         let lo = ip("127.0.0.1");
         assert_eq!(client_ip(lo, &xff("1.2.3.4"), &TrustedProxies::none()), lo);
@@ -977,19 +1067,38 @@ mod tests {
             ("forwarded", "for=198.51.100.9"),
             ("forwarded", "for=10.0.0.4"),
         ]);
-        assert_eq!(client_ip(ip(PROXY), &h, &proxies()), ip("198.51.100.9"));
+        assert_eq!(client_ip(ip(PROXY), &h, &fwd_proxies()), ip("198.51.100.9"));
     }
 
     #[test]
-    fn forwarded_is_preferred_over_x_forwarded_for() {
+    fn only_the_header_the_proxies_write_is_read() {
+        // Our proxy appended 198.51.100.9 to X-Forwarded-For; the client wrote its own Forwarded.
+        let h = headers(&[
+            ("x-forwarded-for", "198.51.100.9"),
+            ("forwarded", "for=192.0.2.1;proto=https"),
+        ]);
+        assert_eq!(client_ip(ip(PROXY), &h, &proxies()), ip("198.51.100.9"));
+        // The other way round for proxies that write Forwarded.
         let h = headers(&[
             ("x-forwarded-for", "192.0.2.1"),
             ("forwarded", "for=198.51.100.9;proto=https"),
         ]);
-        assert_eq!(client_ip(ip(PROXY), &h, &proxies()), ip("198.51.100.9"));
-        // Even when Forwarded says nothing useful, X-Forwarded-For is not consulted.
-        let h = headers(&[("x-forwarded-for", "192.0.2.1"), ("forwarded", "")]);
+        assert_eq!(client_ip(ip(PROXY), &h, &fwd_proxies()), ip("198.51.100.9"));
+        // Even when the believed header is missing, the other is not consulted.
+        let h = headers(&[("x-forwarded-for", "192.0.2.1")]);
+        assert_eq!(client_ip(ip(PROXY), &h, &fwd_proxies()), ip(PROXY));
+        let h = headers(&[("forwarded", "for=192.0.2.1")]);
         assert_eq!(client_ip(ip(PROXY), &h, &proxies()), ip(PROXY));
+        assert_eq!(
+            "X-Forwarded-For".parse::<ForwardedHeader>(),
+            Ok(ForwardedHeader::XForwardedFor)
+        );
+        assert!(
+            "x-real-ip"
+                .parse::<ForwardedHeader>()
+                .unwrap_err()
+                .contains("x-real-ip")
+        );
     }
 
     #[test]
@@ -1032,7 +1141,11 @@ mod tests {
             } else {
                 ip("10.0.0.3")
             };
-            assert_eq!(client_ip(ip(PROXY), &fwd(value), &t), expected, "{value}");
+            assert_eq!(
+                client_ip(ip(PROXY), &fwd(value), &fwd_proxies()),
+                expected,
+                "{value}"
+            );
         }
     }
 
@@ -1056,14 +1169,14 @@ mod tests {
             ip("2001:db8::1")
         );
         assert_eq!(
-            client_ip(ip(PROXY), &fwd("for=\"203.0.113.7:_port\""), &t),
+            client_ip(ip(PROXY), &fwd("for=\"203.0.113.7:_port\""), &fwd_proxies()),
             ip("203.0.113.7")
         );
     }
 
     #[test]
     fn forwarded_syntax_variants() {
-        let t = proxies();
+        let t = fwd_proxies();
         let cases = [
             ("for=\"[2001:db8::1]:80\"", "2001:db8::1"),
             ("for=\"[2001:db8::1]\"", "2001:db8::1"),
@@ -1105,8 +1218,12 @@ mod tests {
 
     #[test]
     fn non_utf8_header_bytes_do_not_panic() {
-        let t = proxies();
         for name in ["x-forwarded-for", "forwarded"] {
+            let t = if name == "forwarded" {
+                fwd_proxies()
+            } else {
+                proxies()
+            };
             let mut h = HeaderMap::new();
             let v = HeaderValue::from_bytes(b"203.0.113.7, \xff\xfe10.0.0.2, 10.0.0.3").unwrap();
             h.append(name, v);
@@ -1126,27 +1243,51 @@ mod tests {
         let v = HeaderValue::from_bytes(b"for=\"10.0.0.2\\\xff\"").unwrap();
         let mut h = HeaderMap::new();
         h.append("forwarded", v);
-        assert_eq!(client_ip(ip(PROXY), &h, &t), ip(PROXY));
+        assert_eq!(client_ip(ip(PROXY), &h, &fwd_proxies()), ip(PROXY));
     }
 
     #[test]
-    fn huge_values_are_not_walked() {
+    fn long_values_are_walked_from_the_right() {
         let t = proxies();
-        let big = format!("{}, 10.0.0.2", "203.0.113.7,".repeat(64 * 1024 / 12));
+        // A client pads X-Forwarded-For with 64 KiB of its own entries; our proxy appended
+        // 192.0.2.5: that is the client, not the proxy (whose bucket the client would drain).
+        let padding = "203.0.113.7,".repeat(64 * 1024 / 12);
+        let big = format!("{padding}192.0.2.5");
         assert!(big.len() > 60 * 1024);
-        // Over 8 KiB: the walk stops before it.
-        assert_eq!(client_ip(ip(PROXY), &xff(&big), &t), ip(PROXY));
-        let h = headers(&[("x-forwarded-for", &big), ("x-forwarded-for", "10.0.0.7")]);
-        assert_eq!(client_ip(ip(PROXY), &h, &t), ip("10.0.0.7"));
-        let h = headers(&[("x-forwarded-for", &big), ("x-forwarded-for", "192.0.2.5")]);
-        assert_eq!(client_ip(ip(PROXY), &h, &t), ip("192.0.2.5"));
-        let fbig = format!("for=\"{}\"", "a".repeat(64 * 1024));
-        assert_eq!(client_ip(ip(PROXY), &fwd(&fbig), &t), ip(PROXY));
-        // A long but under-the-limit node is rejected as garbage.
+        assert_eq!(client_ip(ip(PROXY), &xff(&big), &t), ip("192.0.2.5"));
+        let big = format!("{padding}192.0.2.5, 10.0.0.2");
+        assert_eq!(client_ip(ip(PROXY), &xff(&big), &t), ip("192.0.2.5"));
+        let h = headers(&[
+            ("x-forwarded-for", &padding),
+            ("x-forwarded-for", "10.0.0.7"),
+        ]);
+        assert_eq!(client_ip(ip(PROXY), &h, &t), ip("203.0.113.7"));
+        // The same in Forwarded.
+        let fpad = "for=203.0.113.7,".repeat(64 * 1024 / 16);
+        let fbig = format!("{fpad}for=192.0.2.5");
+        assert_eq!(
+            client_ip(ip(PROXY), &fwd(&fbig), &fwd_proxies()),
+            ip("192.0.2.5")
+        );
+        // One entry longer than any address, right before our proxy's: garbage, so the walk
+        // stops at the last trusted hop, however long the entry.
+        let long = format!("{}, 10.0.0.3", "1".repeat(64 * 1024));
+        assert_eq!(client_ip(ip(PROXY), &xff(&long), &t), ip("10.0.0.3"));
+        let fbig = format!("for=\"{}\", for=10.0.0.3", "a".repeat(64 * 1024));
+        assert_eq!(
+            client_ip(ip(PROXY), &fwd(&fbig), &fwd_proxies()),
+            ip("10.0.0.3")
+        );
         let long_node = format!("198.51.100.9, {}, 10.0.0.3", "1".repeat(4000));
         assert_eq!(client_ip(ip(PROXY), &xff(&long_node), &t), ip("10.0.0.3"));
         let long_node = format!("for=1.2.3.4, for=\"{}\", for=10.0.0.3", "1".repeat(4000));
-        assert_eq!(client_ip(ip(PROXY), &fwd(&long_node), &t), ip("10.0.0.3"));
+        assert_eq!(
+            client_ip(ip(PROXY), &fwd(&long_node), &fwd_proxies()),
+            ip("10.0.0.3")
+        );
+        // Long runs of whitespace around an entry are garbage too (no address needs them).
+        let spaced = format!("198.51.100.9,{}203.0.113.9", " ".repeat(300));
+        assert_eq!(client_ip(ip(PROXY), &xff(&spaced), &t), ip(PROXY));
     }
 
     #[test]
@@ -1166,17 +1307,15 @@ mod tests {
         let expected = ip(&hops[hops.len() - MAX_HOPS]);
         assert_eq!(got, expected);
 
-        // The same in one value (under 8 KiB) and as Forwarded elements.
-        let list = hops[hops.len() - 500..].join(",");
-        assert!(list.len() < MAX_HEADER_VALUE_LEN);
+        // The same in one value and as Forwarded elements.
+        let list = hops.join(",");
         assert_eq!(client_ip(ip(PROXY), &xff(&list), &t), expected);
-        let flist = hops[hops.len() - 500..]
+        let flist = hops
             .iter()
             .map(|h| format!("for={h}"))
             .collect::<Vec<_>>()
             .join(",");
-        assert!(flist.len() < MAX_HEADER_VALUE_LEN);
-        assert_eq!(client_ip(ip(PROXY), &fwd(&flist), &t), expected);
+        assert_eq!(client_ip(ip(PROXY), &fwd(&flist), &fwd_proxies()), expected);
 
         // An untrusted hop within reach is found; beyond it, it is not.
         let mut near = hops[..63].to_vec();
@@ -1198,7 +1337,11 @@ mod tests {
         let commas = format!("203.0.113.7{}", ",".repeat(8000));
         assert_eq!(client_ip(ip(PROXY), &xff(&commas), &t), ip("203.0.113.7"));
         assert_eq!(
-            client_ip(ip(PROXY), &fwd(&commas.replace("203", "for=203")), &t),
+            client_ip(
+                ip(PROXY),
+                &fwd(&commas.replace("203", "for=203")),
+                &fwd_proxies()
+            ),
             ip("203.0.113.7")
         );
     }
@@ -1231,10 +1374,10 @@ mod tests {
             b"\t \t",
         ];
         for input in inputs {
-            for name in ["x-forwarded-for", "forwarded"] {
+            for (name, trusted) in [("x-forwarded-for", &t), ("forwarded", &fwd_proxies())] {
                 let mut h = HeaderMap::new();
                 h.append(name, HeaderValue::from_bytes(input).unwrap());
-                let _ = client_ip(ip(PROXY), &h, &t);
+                let _ = client_ip(ip(PROXY), &h, trusted);
             }
         }
         // Unquoted bracketed IPv6 in Forwarded is accepted leniently.
@@ -1243,7 +1386,7 @@ mod tests {
             "forwarded",
             HeaderValue::from_static("for=[2001:db8::2]:80"),
         );
-        assert_eq!(client_ip(ip(PROXY), &h, &t), ip("2001:db8::2"));
+        assert_eq!(client_ip(ip(PROXY), &h, &fwd_proxies()), ip("2001:db8::2"));
     }
 
     #[test]

@@ -47,7 +47,7 @@ use http::Method;
 use serde::Deserialize;
 use tollgate_core::{Algorithm, Quota, parse_duration};
 
-use crate::client_ip::{Cidr, TrustedProxies};
+use crate::client_ip::{Cidr, ForwardedHeader, TrustedProxies};
 use crate::headers::HeaderMode;
 use crate::inbound::{ApiKeyEntry, ApiKeys, ClientIp, OnStoreError, Policy, Route};
 
@@ -97,29 +97,129 @@ struct File {
     shadow: bool,
     #[serde(default)]
     global: Option<LimitSpec>,
-    rate_limits: BTreeMap<String, LimitSpec>,
+    rate_limits: UniqueMap<LimitSpec>,
     #[serde(default)]
     routes: Vec<RouteSpec>,
     #[serde(default)]
-    api_keys: BTreeMap<String, ApiKeySpec>,
+    api_keys: UniqueMap<ApiKeySpec>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    #[serde(default)]
+    client_ip_header: Option<String>,
     #[serde(default)]
     exempt_paths: Vec<String>,
     #[serde(default)]
     anonymous_tier: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(untagged)]
+/// `store:` is `memory` or `{ redis: { ... } }`. Read by hand rather than as an untagged enum,
+/// whose only error is "data did not match any variant".
+#[derive(Debug, Default)]
 enum StoreSpec {
     #[default]
-    #[serde(skip)]
     Default,
-    Name(String),
-    Redis {
-        redis: RedisSpec,
-    },
+    Memory,
+    Redis(RedisSpec),
+}
+
+const STORE_EXPECTED: &str = "`memory` or `{ redis: { url: ... } }`";
+
+impl<'de> Deserialize<'de> for StoreSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StoreSpec, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StoreSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(STORE_EXPECTED)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StoreSpec, E> {
+                match v {
+                    "memory" => Ok(StoreSpec::Memory),
+                    other => Err(E::custom(format!(
+                        "unknown store `{other}`: expected {STORE_EXPECTED}"
+                    ))),
+                }
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StoreSpec, A::Error> {
+                use serde::de::Error as _;
+                let mut spec = None;
+                while let Some(kind) = map.next_key::<String>()? {
+                    match kind.as_str() {
+                        "redis" if spec.is_none() => spec = Some(map.next_value::<RedisSpec>()?),
+                        "redis" => return Err(A::Error::custom("`redis` is given twice")),
+                        other => {
+                            return Err(A::Error::custom(format!(
+                                "unknown store `{other}`: expected {STORE_EXPECTED}"
+                            )));
+                        }
+                    }
+                }
+                spec.map(StoreSpec::Redis).ok_or_else(|| {
+                    A::Error::custom(format!("empty store: expected {STORE_EXPECTED}"))
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A YAML mapping whose keys must be unique: serde's maps quietly keep the last of two equal
+/// keys, so a tier given twice (`basic` at 10/min, later `basic` at 99999/min) would take the
+/// second without a word.
+#[derive(Debug)]
+struct UniqueMap<V>(BTreeMap<String, V>);
+
+impl<V> Default for UniqueMap<V> {
+    fn default() -> Self {
+        UniqueMap(BTreeMap::new())
+    }
+}
+
+/// The message of a key given twice; [`yaml_error`] finds the line of the second one.
+const GIVEN_TWICE: &str = "is given twice";
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UniqueMap<V>, D::Error> {
+        struct Visitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<V> {
+            type Value = UniqueMap<V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueMap<V>, A::Error> {
+                use serde::de::Error as _;
+                let mut out = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(A::Error::custom(format!("`{key}` {GIVEN_TWICE}")));
+                    }
+                    let value = map.next_value()?;
+                    out.insert(key, value);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        d.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+impl<V> std::ops::Deref for UniqueMap<V> {
+    type Target = BTreeMap<String, V>;
+
+    fn deref(&self) -> &BTreeMap<String, V> {
+        &self.0
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,7 +317,18 @@ fn locate(text: &str, path: &[&str]) -> Option<usize> {
             continue;
         }
         if let Some(value) = part.strip_prefix('=') {
-            let at = (from..lines.len()).find(|&i| lines[i].contains(value))?;
+            // The whole value, not a prefix of a longer one (`/api` is not `/api/reports`).
+            let whole = |line: &str| {
+                line.match_indices(value).any(|(pos, _)| {
+                    let before = line[..pos].chars().next_back();
+                    let after = line[pos + value.len()..].chars().next();
+                    let edge = |c: Option<char>| {
+                        c.is_none_or(|c| matches!(c, ' ' | ',' | '}' | '{' | '"' | '\'' | ':'))
+                    };
+                    edge(before) && edge(after)
+                })
+            };
+            let at = (from..lines.len()).find(|&i| whole(lines[i]))?;
             found = Some(at + 1);
             from = at;
             continue;
@@ -347,7 +458,7 @@ impl Ctx<'_> {
     }
 }
 
-fn yaml_error(file: &Path, e: &serde_yaml_ng::Error) -> ConfigError {
+fn yaml_error(file: &Path, text: &str, e: &serde_yaml_ng::Error) -> ConfigError {
     let message = e.to_string();
     // serde_yaml_ng writes "path.to.field: what ... at line L column C".
     let (field, rest) = match message.split_once(": ") {
@@ -371,11 +482,97 @@ fn yaml_error(file: &Path, e: &serde_yaml_ng::Error) -> ConfigError {
         }
         None => rest,
     };
+    // A key given twice is reported where its mapping starts: point at the second one.
+    let twice = rest
+        .strip_prefix("duplicate field `")
+        .and_then(|r| r.strip_suffix('`'))
+        .or_else(|| {
+            rest.strip_prefix('`')
+                .and_then(|r| r.strip_suffix(&format!("` {GIVEN_TWICE}")))
+        });
+    let line = match (e.location(), twice) {
+        (Some(at), Some(key)) => {
+            Some(second_key_line(text, at.line(), at.column(), key).unwrap_or(at.line()))
+        }
+        (at, _) => at.map(|l| l.line()),
+    };
     ConfigError {
         file: file.to_path_buf(),
-        line: e.location().map(|l| l.line()),
+        line,
         field,
         message: rest,
+    }
+}
+
+/// The line (1-based) of the second `key:` of the mapping that starts at `line`, `column`
+/// (1-based, where the parser reports a key given twice), in block or flow style.
+fn second_key_line(text: &str, line: usize, column: usize, key: &str) -> Option<usize> {
+    let indent = column.checked_sub(1)?;
+    let mut seen = 0;
+    for (i, l) in text.lines().enumerate().skip(line.checked_sub(1)?) {
+        let trimmed = l.trim_start();
+        let own_indent = l.len() - trimmed.len();
+        let first = i + 1 == line;
+        if !first && !trimmed.is_empty() && !trimmed.starts_with('#') {
+            if own_indent < indent {
+                break;
+            }
+            if own_indent > indent {
+                continue;
+            }
+        }
+        let from = if first {
+            indent.min(l.len())
+        } else {
+            own_indent
+        };
+        seen += key_occurrences(&l[from..], key);
+        if seen >= 2 {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// How many times `key` appears as a mapping key (`key:`, `"key":`, `'key':`) in `line`.
+fn key_occurrences(line: &str, key: &str) -> usize {
+    let line = line.split(" #").next().unwrap_or(line);
+    let bytes = line.as_bytes();
+    line.match_indices(key)
+        .filter(|&(pos, _)| {
+            let before = pos.checked_sub(1).map(|p| bytes[p]);
+            let after = &line[pos + key.len()..];
+            let quoted = matches!(before, Some(b'"' | b'\''));
+            let key_start = match before {
+                None => true,
+                Some(b' ' | b'{' | b',') => true,
+                Some(b'"' | b'\'') => pos < 2 || matches!(bytes[pos - 2], b' ' | b'{' | b','),
+                _ => false,
+            };
+            let colon = if quoted {
+                after.starts_with("\":") || after.starts_with("':")
+            } else {
+                after.starts_with(':')
+            };
+            key_start && colon
+        })
+        .count()
+}
+
+/// A store as a reload message names it (no password: only the host part of a URL).
+fn describe_store(store: &StoreConfig) -> String {
+    let host = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest).to_owned()
+    };
+    match store {
+        StoreConfig::Memory => "memory".to_owned(),
+        StoreConfig::Redis { url, prefix } => format!("redis at {} (prefix {prefix})", host(url)),
+        StoreConfig::Cluster { nodes, prefix } => format!(
+            "redis cluster at {} (prefix {prefix})",
+            nodes.iter().map(|n| host(n)).collect::<Vec<_>>().join(", ")
+        ),
     }
 }
 
@@ -395,7 +592,7 @@ impl Config {
     /// Validates configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let file = file.as_ref();
-        let parsed: File = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(file, &e))?;
+        let parsed: File = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(file, text, &e))?;
         let ctx = Ctx { file, text };
 
         let mut policy = Policy::builder().shadow(parsed.shadow);
@@ -410,12 +607,16 @@ impl Config {
         if parsed.rate_limits.is_empty() {
             return Err(ctx.error(&["rate_limits"], "at least one tier is needed"));
         }
-        for (name, spec) in &parsed.rate_limits {
-            policy = policy.tier(name, ctx.quota(&["rate_limits", name], spec)?);
+        let mut tier_limits = Vec::with_capacity(parsed.rate_limits.len());
+        for (name, spec) in parsed.rate_limits.iter() {
+            let quota = ctx.quota(&["rate_limits", name], spec)?;
+            tier_limits.push(quota.limit());
+            policy = policy.tier(name, quota);
         }
         if let Some(spec) = &parsed.global {
             policy = policy.global(ctx.quota(&["global"], spec)?);
         }
+        let largest_tier = tier_limits.iter().copied().max().unwrap_or(0);
         for (i, spec) in parsed.routes.iter().enumerate() {
             let index = format!("[{i}]");
             let value = format!("={}", spec.path);
@@ -433,6 +634,15 @@ impl Config {
                 route = route.method(method);
             }
             if let Some(cost) = spec.cost {
+                if cost > largest_tier {
+                    return Err(ctx.error(
+                        &at("cost"),
+                        format!(
+                            "the cost {cost} is more than any tier can ever allow (the largest \
+                             holds {largest_tier}): every request to the route would be refused"
+                        ),
+                    ));
+                }
                 route = route.cost(cost);
             }
             if let Some(limit) = &spec.limit {
@@ -464,7 +674,17 @@ impl Config {
             ));
         }
         let mut entries = Vec::with_capacity(parsed.api_keys.len());
-        for (key, spec) in &parsed.api_keys {
+        for (key, spec) in parsed.api_keys.iter() {
+            if key.is_empty() || key.trim() != key {
+                return Err(ctx.error(
+                    &["api_keys"],
+                    format!(
+                        "the API key of user `{}` is empty or starts or ends with whitespace; \
+                         no request could present it as written",
+                        spec.user
+                    ),
+                ));
+            }
             if !parsed.rate_limits.contains_key(&spec.tier) {
                 return Err(ctx.error(
                     &["api_keys", key, "tier"],
@@ -495,32 +715,33 @@ impl Config {
                     .map_err(|e| ctx.error(&["trusted_proxies"], e.to_string()))?,
             );
         }
+        let header = match &parsed.client_ip_header {
+            Some(name) => name
+                .parse::<ForwardedHeader>()
+                .map_err(|e| ctx.error(&["client_ip_header"], e))?,
+            None => ForwardedHeader::default(),
+        };
         let keys = ApiKeys::new(
             entries,
-            ClientIp::new(&anonymous, trusted.into_iter().collect::<TrustedProxies>()),
+            ClientIp::new(
+                &anonymous,
+                trusted
+                    .into_iter()
+                    .collect::<TrustedProxies>()
+                    .with_header(header),
+            ),
         );
         let policy = policy
             .build()
             .map_err(|e| ctx.error(&["routes"], e.to_string()))?;
 
         let (store, on_error, timeout) = match &parsed.store {
-            StoreSpec::Default => (
+            StoreSpec::Default | StoreSpec::Memory => (
                 StoreConfig::Memory,
                 OnStoreError::default(),
                 crate::inbound::DEFAULT_STORE_TIMEOUT,
             ),
-            StoreSpec::Name(name) if name == "memory" => (
-                StoreConfig::Memory,
-                OnStoreError::default(),
-                crate::inbound::DEFAULT_STORE_TIMEOUT,
-            ),
-            StoreSpec::Name(other) => {
-                return Err(ctx.error(
-                    &["store"],
-                    format!("unknown store `{other}`: expected memory or {{ redis: ... }}"),
-                ));
-            }
-            StoreSpec::Redis { redis } => {
+            StoreSpec::Redis(redis) => {
                 let prefix = redis
                     .prefix
                     .clone()
@@ -558,6 +779,16 @@ impl Config {
                             "the timeout must be at least 1 ms",
                         ));
                     }
+                    Some(ms) if Duration::from_millis(ms) > crate::inbound::MAX_STORE_TIMEOUT => {
+                        return Err(ctx.error(
+                            &["store", "redis", "timeout_ms"],
+                            format!(
+                                "{ms} ms is too long: at most {} ms (a store call adds this much \
+                                 latency to a request before the failure policy answers)",
+                                crate::inbound::MAX_STORE_TIMEOUT.as_millis()
+                            ),
+                        ));
+                    }
                     Some(ms) => Duration::from_millis(ms),
                     None => crate::inbound::DEFAULT_STORE_TIMEOUT,
                 };
@@ -575,6 +806,36 @@ impl Config {
 }
 
 impl Config {
+    /// What of this (newly loaded) configuration a reload cannot apply to a layer built from
+    /// `running`: a reload swaps the policy ([`PolicyHandle::set`](crate::inbound::PolicyHandle::set))
+    /// and the API keys ([`ApiKeys::replace_with`]), but the store, its failure policy and its
+    /// timeout are fixed when the layer is built. One line per field that differs, saying what
+    /// stays in force until a restart; empty when the whole file applies.
+    pub fn needs_restart(&self, running: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.store != running.store {
+            out.push(format!(
+                "store: {} (the file says {})",
+                describe_store(&running.store),
+                describe_store(&self.store)
+            ));
+        }
+        if self.on_error != running.on_error {
+            out.push(format!(
+                "store.redis.on_error: {:?} (the file says {:?})",
+                running.on_error, self.on_error
+            ));
+        }
+        if self.timeout != running.timeout {
+            out.push(format!(
+                "store.redis.timeout_ms: {} (the file says {})",
+                running.timeout.as_millis(),
+                self.timeout.as_millis()
+            ));
+        }
+        out
+    }
+
     /// Builds the inbound layer this configuration describes. A Redis store connects lazily (the
     /// application starts even while Redis is down; the failure policy covers the meantime), so
     /// this must run inside a Tokio runtime. Needs the `redis` feature for a Redis store.

@@ -10,13 +10,17 @@
 //! curl -s localhost:3000/metrics | grep rate_limiter
 //! ```
 //!
-//! `axum-tiers [--config PATH] [--addr HOST:PORT] [--redis URL]`: the limits come from
-//! `examples/axum-tiers/limits.yaml` by default; `--redis` keeps the state in Redis (shared by
-//! every server started with the same URL). `kill -HUP` reloads the file, keeping the buckets.
+//! `axum-tiers [--config PATH] [--addr HOST:PORT] [--redis URL] [--header-read-timeout SECS]`:
+//! the limits come from `examples/axum-tiers/limits.yaml` by default; `--redis` keeps the state in
+//! Redis (shared by every server started with the same URL). `kill -HUP` reloads the file,
+//! keeping the buckets. A connection that does not send a whole request head within the header
+//! read timeout (10 s by default; idle keep-alive connections included) is closed.
 
-use std::net::SocketAddr;
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Extension, State};
@@ -39,15 +43,22 @@ struct Args {
     config: PathBuf,
     addr: String,
     redis: Option<String>,
+    header_read_timeout: Duration,
 }
 
-const USAGE: &str = "usage: axum-tiers [--config PATH] [--addr HOST:PORT] [--redis URL]";
+const USAGE: &str = "usage: axum-tiers [--config PATH] [--addr HOST:PORT] [--redis URL] \
+                     [--header-read-timeout SECS]";
+
+/// How long a connection may take to send a request head (and an idle keep-alive connection may
+/// stay), unless `--header-read-timeout` says otherwise.
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
         config: PathBuf::from("examples/axum-tiers/limits.yaml"),
         addr: "127.0.0.1:3000".to_owned(),
         redis: None,
+        header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
     };
     while let Some(flag) = args.next() {
         let (name, inline) = match flag.split_once('=') {
@@ -64,6 +75,20 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--config" => parsed.config = PathBuf::from(value()?),
             "--addr" => parsed.addr = value()?,
             "--redis" => parsed.redis = Some(value()?),
+            "--header-read-timeout" => {
+                let text = value()?;
+                parsed.header_read_timeout = text
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        format!(
+                            "--header-read-timeout: `{text}` is not a number of seconds between \
+                             0 and 3600 ({USAGE})"
+                        )
+                    })?;
+            }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown flag `{other}` ({USAGE})")),
         }
@@ -106,25 +131,132 @@ async fn metrics(State(state): State<AppState>) -> String {
 }
 
 /// Reloads the configuration on every SIGHUP: new limits and keys take effect, bucket state stays;
-/// a broken file is refused and the running configuration stays.
+/// a broken file is refused and the running configuration stays. What a reload cannot change
+/// (the store, its failure policy and timeout) is said in the log and stays as it was until a
+/// restart. `redis` is the `--redis` override, applied to every reload as at start.
 #[cfg(unix)]
-fn reload_on_sighup(path: PathBuf, policy: PolicyHandle, keys: ApiKeys) -> Result<(), String> {
+fn reload_on_sighup(
+    path: PathBuf,
+    redis: Option<String>,
+    running: Config,
+    policy: PolicyHandle,
+    keys: ApiKeys,
+) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups =
         signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            match Config::load(&path) {
+            match load(&path, redis.as_deref()) {
                 Ok(config) => {
-                    policy.set(config.policy);
+                    policy.set(config.policy.clone());
                     keys.replace_with(&config.keys);
-                    tracing::info!(config = %path.display(), "configuration reloaded");
+                    let kept = config.needs_restart(&running);
+                    if kept.is_empty() {
+                        tracing::info!(config = %path.display(), "configuration reloaded");
+                    } else {
+                        tracing::warn!(
+                            config = %path.display(),
+                            "configuration reloaded, except what needs a restart; still in force: {}",
+                            kept.join("; ")
+                        );
+                    }
                 }
                 Err(e) => tracing::error!("configuration reload refused, keeping the old one: {e}"),
             }
         }
     });
     Ok(())
+}
+
+/// Loads the configuration file, with the `--redis` override.
+fn load(path: &std::path::Path, redis: Option<&str>) -> Result<Config, String> {
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
+    if let Some(url) = redis {
+        config.store = StoreConfig::Redis {
+            url: url.to_owned(),
+            prefix: "tollgate".to_owned(),
+        };
+    }
+    Ok(config)
+}
+
+/// Serves `app` on `listener` until `shutdown` ends, then lets open connections finish (for at
+/// most 10 s). Each request carries its connection's peer address (`ConnectInfo`), which the rate
+/// limiter keys anonymous callers by. A connection must send its request head within
+/// `header_read_timeout` (the first byte included), or it is closed.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use tower_service::Service;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(header_read_timeout);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!("cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                app.clone().call(request)
+            });
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // The protocol is told from the first bytes, before hyper's own header timeout
+            // runs: a client that sends nothing at all is timed out here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => {
+                    tracing::debug!(%peer, "closing a connection that sent nothing");
+                    return;
+                }
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 10 s; closing them");
+    }
 }
 
 async fn shutdown() {
@@ -151,13 +283,7 @@ async fn shutdown() {
 
 async fn run() -> Result<(), String> {
     let args = parse_args(std::env::args().skip(1))?;
-    let mut config = Config::load(&args.config).map_err(|e| e.to_string())?;
-    if let Some(url) = args.redis {
-        config.store = StoreConfig::Redis {
-            url,
-            prefix: "tollgate".to_owned(),
-        };
-    }
+    let config = load(&args.config, args.redis.as_deref())?;
     let metrics = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
@@ -165,6 +291,8 @@ async fn run() -> Result<(), String> {
     #[cfg(unix)]
     reload_on_sighup(
         args.config.clone(),
+        args.redis.clone(),
+        config.clone(),
         limiter.policy().clone(),
         config.keys.clone(),
     )?;
@@ -177,13 +305,14 @@ async fn run() -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     println!("listening on http://{local}");
     tracing::info!(store = ?config.store, "serving");
-    axum::serve(
+    serve(
         listener,
-        app(AppState { metrics }, limiter).into_make_service_with_connect_info::<SocketAddr>(),
+        app(AppState { metrics }, limiter),
+        args.header_read_timeout,
+        shutdown(),
     )
-    .with_graceful_shutdown(shutdown())
-    .await
-    .map_err(|e| format!("server error: {e}"))
+    .await;
+    Ok(())
 }
 
 #[tokio::main]
@@ -227,7 +356,8 @@ mod tests {
             Args {
                 config: "x.yaml".into(),
                 addr: "0.0.0.0:0".into(),
-                redis: Some("redis://h".into())
+                redis: Some("redis://h".into()),
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             }
         );
         assert!(
@@ -241,5 +371,19 @@ mod tests {
                 .contains("--addr needs a value")
         );
         assert_eq!(args(&[]).unwrap().addr, "127.0.0.1:3000");
+        assert_eq!(
+            args(&["--header-read-timeout", "1.5"])
+                .unwrap()
+                .header_read_timeout,
+            Duration::from_millis(1500)
+        );
+        for bad in ["0", "-1", "soon", "NaN", "1e9"] {
+            assert!(
+                args(&["--header-read-timeout", bad])
+                    .unwrap_err()
+                    .contains("--header-read-timeout"),
+                "{bad}"
+            );
+        }
     }
 }
