@@ -737,3 +737,150 @@ async fn calls_queued_for_an_in_flight_slot_respect_a_pause() {
     );
     assert_eq!(upstream.max_in_flight(), 1);
 }
+
+/// `secs` after the Unix epoch in the two obsolete HTTP-date forms (RFC 9110, section 5.6.7):
+/// RFC 850 and asctime.
+fn obsolete_http_dates(secs: u64) -> [String; 2] {
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = secs / 86_400;
+    let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    let weekday = DAYS[(days % 7) as usize];
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let mon = MONTHS[(month - 1) as usize];
+    [
+        format!(
+            "{weekday}, {day:02}-{mon}-{:02} {h:02}:{m:02}:{s:02} GMT",
+            year % 100
+        ),
+        format!(
+            "{} {mon} {day:>2} {h:02}:{m:02}:{s:02} {year}",
+            &weekday[..3]
+        ),
+    ]
+}
+
+/// A `Retry-After` HTTP-date in the obsolete RFC 850 or asctime form (RFC 9110: recipients MUST
+/// accept both) is honoured: the retry waits until that time, instead of falling back to one
+/// second and sending requests into the upstream's pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_dates_in_every_form_are_honoured() {
+    let _serial = SERIAL.lock().await;
+    for (i, form) in ["RFC 850", "asctime"].into_iter().enumerate() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        // Three whole seconds ahead: the pause is between 2 and 3 s from the 429.
+        let date = obsolete_http_dates(now + 3)[i].clone();
+        let answer = date.clone();
+        let upstream = Upstream::start(Box::new(move |hits: &[Hit], _| {
+            if hits.is_empty() {
+                Reply::with(StatusCode::TOO_MANY_REQUESTS, &[("retry-after", &answer)])
+            } else {
+                Reply::ok()
+            }
+        }))
+        .await;
+        let client = client(
+            RateLimitLayer::builder(Bucket::new(&format!("dates:{form}"), quota(100, 100)).fixed())
+                .max_wait(Duration::from_secs(10))
+                .retry_limited(1)
+                .build(),
+        );
+        let reply = get(&client, &upstream.url("/")).await.expect("a response");
+        assert_eq!(reply.status(), StatusCode::OK, "{form}");
+        let hits = upstream.hits();
+        assert_eq!(hits.len(), 2, "{form}: one 429 and one retry");
+        let gap = hits[1].at - hits[0].at;
+        assert!(
+            gap >= Duration::from_millis(1500),
+            "{form} `Retry-After: {date}` was not honoured: retried after {gap:?}"
+        );
+    }
+}
+
+/// `rate_limiter_store_compensation_errors_total{store, op}` as this binary's recorder holds it.
+fn compensation_errors(store: &str, op: &str) -> u64 {
+    common::snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| {
+            let key = key.key();
+            let label =
+                |name: &str, want: &str| key.labels().any(|l| l.key() == name && l.value() == want);
+            match value {
+                DebugValue::Counter(n)
+                    if key.name() == "rate_limiter_store_compensation_errors_total"
+                        && label("store", store)
+                        && label("op", op) =>
+                {
+                    Some(n)
+                }
+                _ => None,
+            }
+        })
+        .sum()
+}
+
+/// A dropped call whose place cannot be given back (Redis died meanwhile) is said in the log and
+/// counted, not dropped in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_that_cannot_be_given_back_is_counted() {
+    let _serial = SERIAL.lock().await;
+    let _ = common::snapshotter();
+    let mut redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .expect("join")
+        .expect("redis-server starts");
+    let store = RedisStore::builder(redis.url())
+        .prefix("outbound-cancel-fails")
+        .timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .expect("connect to redis");
+    let upstream = Upstream::start(Box::new(|_, _| Reply::ok())).await;
+    let client = client(
+        RateLimitLayer::builder(Bucket::new("cancel-fails", quota(1, 1)).fixed())
+            .store(store)
+            .max_wait(Duration::from_secs(5))
+            .build(),
+    );
+    let url = upstream.url("/");
+    get(&client, &url).await.expect("the first call passes");
+    // The second call holds a place ~1 s ahead and sleeps toward it.
+    let waiting = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { get(&client, &url).await.map(|r| r.status()) }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::task::block_in_place(|| redis.stop());
+    let before = compensation_errors("redis", "cancel");
+    waiting.abort();
+    assert!(waiting.await.is_err_and(|e| e.is_cancelled()));
+    let counted = common::poll_until(Duration::from_secs(5), || {
+        compensation_errors("redis", "cancel") > before
+    })
+    .await;
+    assert!(counted, "the failed give-back was not counted");
+}

@@ -249,3 +249,33 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::Ready;
+    use std::task::Waker;
+
+    use super::*;
+
+    type Identify = Ready<Result<Identity, Rejection>>;
+
+    fn answered<S>(_inner: &S) -> ResponseFuture<S::Future, S, (), Identify>
+    where
+        S: Service<Request<()>>,
+    {
+        ResponseFuture::respond(Response::new(Bytes::from_static(b"no")))
+    }
+
+    #[test]
+    #[should_panic(expected = "polled after completion")]
+    fn polling_a_finished_future_panics_instead_of_hanging() {
+        let inner =
+            tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+        let mut future = Box::pin(answered(&inner));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(future.as_mut().poll(&mut cx).is_ready());
+        // Returning Pending here, with no waker registered, would hang the caller forever.
+        let _ = future.as_mut().poll(&mut cx);
+    }
+}

@@ -433,10 +433,26 @@ impl Drop for CancelOnDrop {
             return;
         }
         let store = Arc::clone(&self.store);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = store.cancel_boxed(&reservation).await;
-            });
+        let kind = store.kind_dyn();
+        // A place that cannot be given back stays taken until its time passes: later calls wait
+        // longer than they need to. Said and counted, never dropped in silence.
+        let failed = move |why: &dyn fmt::Display| {
+            tracing::warn!(
+                store = kind,
+                "cannot give a dropped call's place back: {why}"
+            );
+            metrics::counter!(m::COMPENSATION_ERRORS_TOTAL, "store" => kind, "op" => "cancel")
+                .increment(1);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    if let Err(e) = store.cancel_boxed(&reservation).await {
+                        failed(&e);
+                    }
+                });
+            }
+            Err(e) => failed(&e),
         }
     }
 }

@@ -111,54 +111,12 @@ pub fn reset_delay(reset: f64, now: SystemTime) -> Option<Duration> {
     ))
 }
 
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form RFC 9110 requires senders to
-/// use.
+/// Parses an HTTP-date in any of the three forms RFC 9110 (section 5.6.7) says recipients must
+/// accept: the IMF-fixdate senders must use (`Sun, 06 Nov 1994 08:49:37 GMT`), and the obsolete
+/// RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime (`Sun Nov  6 08:49:37 1994`) forms.
+/// Parsing is the `httpdate` crate's (hyper's own), which also checks the weekday.
 pub fn parse_http_date(value: &str) -> Option<SystemTime> {
-    let b = value.trim().as_bytes();
-    if b.len() != 29 || &b[3..5] != b", " || &b[25..] != b" GMT" {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u64> {
-        std::str::from_utf8(&b[r]).ok()?.parse().ok()
-    };
-    let day = num(5..7)?;
-    let month = match &b[8..11] {
-        b"Jan" => 1,
-        b"Feb" => 2,
-        b"Mar" => 3,
-        b"Apr" => 4,
-        b"May" => 5,
-        b"Jun" => 6,
-        b"Jul" => 7,
-        b"Aug" => 8,
-        b"Sep" => 9,
-        b"Oct" => 10,
-        b"Nov" => 11,
-        b"Dec" => 12,
-        _ => return None,
-    };
-    let year = num(12..16)?;
-    let (hour, min, sec) = (num(17..19)?, num(20..22)?, num(23..25)?);
-    if b[7] != b' ' || b[11] != b' ' || b[16] != b' ' || b[19] != b':' || b[22] != b':' {
-        return None;
-    }
-    if !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 || year < 1970 {
-        return None;
-    }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe;
-    let days_since_epoch = days.checked_sub(719_468)?;
-    let secs = days_since_epoch * 86_400 + hour * 3600 + min * 60 + sec;
-    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+    httpdate::parse_http_date(value.trim()).ok()
 }
 
 #[cfg(test)]
@@ -193,12 +151,27 @@ mod tests {
             parse_http_date("Sun, 22 Nov 2026 08:00:00 GMT"),
             Some(at(1_795_334_400))
         );
+        // The obsolete forms RFC 9110 says a recipient must accept too.
+        assert_eq!(
+            parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"),
+            Some(at(784_111_777))
+        );
+        assert_eq!(
+            parse_http_date("Sun Nov  6 08:49:37 1994"),
+            Some(at(784_111_777))
+        );
+        assert_eq!(
+            parse_http_date("Tuesday, 01-Dec-26 20:50:00 GMT"),
+            Some(at(1_796_158_200))
+        );
         for bad in [
             "",
-            "Sunday, 06-Nov-94 08:49:37 GMT",
             "Sun, 06 Nov 1994 08:49:37 UTC",
             "Sun, 32 Nov 1994 08:49:37 GMT",
             "Sun, 06 Nox 1994 08:49:37 GMT",
+            "Mon, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-1994 08:49:37 GMT",
+            "Sun Nov 6 08:49:37 1994",
         ] {
             assert_eq!(parse_http_date(bad), None, "{bad}");
         }

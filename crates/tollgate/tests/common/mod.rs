@@ -199,3 +199,17 @@ pub fn offsets(times: &[Instant], origin: Instant) -> Vec<i64> {
         })
         .collect()
 }
+
+/// Polls `check` every 20 ms until it holds, for at most `timeout`; whether it did.
+pub async fn poll_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
