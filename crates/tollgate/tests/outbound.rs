@@ -802,7 +802,7 @@ async fn retry_after_dates_in_every_form_are_honoured() {
         }))
         .await;
         let client = client(
-            RateLimitLayer::builder(Bucket::new(&format!("dates:{form}"), quota(100, 100)).fixed())
+            RateLimitLayer::builder(Bucket::new(format!("dates:{form}"), quota(100, 100)).fixed())
                 .max_wait(Duration::from_secs(10))
                 .retry_limited(1)
                 .build(),
