@@ -39,14 +39,29 @@ const MIN_SWEEP: usize = 64;
 /// * **Bounded.** It holds at most [`max_keys`](MemoryStoreBuilder::max_keys) keys (default
 ///   [`DEFAULT_MAX_KEYS`]), so a flood of distinct keys cannot exhaust memory. When a new key arrives
 ///   at a full shard, expired keys are swept first; if the shard is still full, the store forgets
-///   the sampled key that is closest to fresh (earliest expiry among 16). That key starts fresh if
-///   it comes back: it can get up to one extra quota, never less than its quota. Size the cap above
-///   the number of keys active within one refill period and this never happens.
-/// * **Footprint.** About 55 bytes per token-bucket key with a 15-byte key on 64-bit Linux, up to
-///   about 95 right after a table has grown (measured by the `footprint` test with a counting
-///   allocator: table slot and entry). Keys of up to 22 bytes are kept inside the entry; longer keys
-///   add their length. A window-algorithm key adds 32 bytes for its state, and a
-///   sliding-window-log key also holds 16 bytes per admitted request still in its window.
+///   the sampled key that is closest to fresh (earliest expiry among 16).
+/// * **Eviction is never more permissive than the quota.** A key forgotten while its state still
+///   mattered is folded into a small summary of the shard (one 8-byte slot per key it holds, two
+///   slots per key, each the latest expiry folded into it), and a key the shard does not hold
+///   starts from the most spent state the summary allows: a forgotten bucket comes back with its
+///   own arrival time or a later one, a window exhausted. So no key ever gets more than its quota
+///   because it was forgotten. The price, paid only while more keys are live than the cap holds:
+///   a new key whose slots are taken by forgotten ones is treated as one of them (refused until
+///   they are fresh again). Measured (`eviction_never_gives_a_key_more_than_its_quota`, keys at
+///   one request an hour into a cap of 10,000): of the keys beyond the cap, about 6 % are refused
+///   at 1.25 × the cap, 34 % at 2 ×, 72 % at 4 ×; under a flood of 100 × the cap nearly every new
+///   key is refused. [`MemoryStoreBuilder::remember_evicted`]`(false)` turns the summary off: a
+///   forgotten key then starts fresh (one extra quota each time it is forgotten) and no new key is
+///   ever refused. Size the cap above the number of keys active within one refill period and
+///   neither ever happens.
+/// * **Footprint** (64-bit Linux, measured by the `footprint` test with a counting allocator):
+///   about 55 bytes per token-bucket key for keys of up to 22 bytes, which are kept inside the
+///   entry; longer keys are allocated on their own: 82 bytes per key for the inbound layer's IPv4
+///   caller keys (`{ip:10.0.3.57}:t:anonymous`, 25–26 bytes; about 100 bytes of resident memory
+///   with the allocator's rounding), 91 for IPv6 ones (36 bytes). Right after a table has grown
+///   its part (about 45 bytes a key) doubles. A window-algorithm key adds 32 bytes for its state,
+///   and a sliding-window-log key also holds 16 bytes per admitted request still in its window.
+///   The eviction summary adds 8 bytes per key of the cap, once the store has evicted.
 ///
 /// ```
 /// use tollgate_core::{Limit, MemoryStore, Quota};
@@ -210,6 +225,60 @@ struct Table {
     sweep_at: usize,
     /// ... and at least half its size in keys was added since the last sweep (amortised O(1)).
     added_since_sweep: usize,
+    /// What the shard forgot at the cap: see [`Evicted`]. Empty until the first eviction.
+    evicted: Evicted,
+}
+
+/// A summary of the keys a full shard had to forget while their state still mattered, so that a
+/// forgotten key never comes back fresher than it left (a flood of new keys must not hand every
+/// evicted caller a new quota).
+///
+/// A small array of times, each the latest expiry (`State::expires_at`) of the evicted keys that
+/// hash to it; a key maps to two slots. A key the shard does not hold is assumed to be exhausted
+/// until the earlier of its two slots (when that is still ahead): an evicted key's own expiry is
+/// in both its slots, so the assumption is never more permissive than the truth. The price is
+/// paid only while more keys matter than the cap holds: a new key whose two slots are both taken
+/// by live evicted keys is treated as one of them (denied until they are fresh again) — an error
+/// toward denial, never toward over-admission. One 8-byte slot per key the shard holds, allocated
+/// on the shard's first eviction.
+struct Evicted {
+    slots: Box<[u64]>,
+    /// [`MemoryStoreBuilder::remember_evicted`].
+    on: bool,
+}
+
+impl Evicted {
+    fn slots(&self, hash: u64) -> Option<(usize, usize)> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        // Two indices from bits of the hash that neither the shard nor hashbrown uses alone.
+        let a = (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % n;
+        let b = (hash.rotate_left(23).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32) as usize % n;
+        Some((a, b))
+    }
+
+    /// Folds in a key forgotten while its state mattered until `expires` (µs).
+    fn fold(&mut self, hash: u64, expires: u64, capacity: usize) {
+        if !self.on {
+            return;
+        }
+        if self.slots.is_empty() {
+            self.slots = vec![0; capacity.clamp(64, 1 << 20)].into_boxed_slice();
+        }
+        if let Some((a, b)) = self.slots(hash) {
+            self.slots[a] = self.slots[a].max(expires);
+            self.slots[b] = self.slots[b].max(expires);
+        }
+    }
+
+    /// Until when a key the shard does not hold may still be spent, if it may.
+    fn until(&self, hash: u64, now: Timestamp) -> Option<Timestamp> {
+        let (a, b) = self.slots(hash)?;
+        let until = self.slots[a].min(self.slots[b]);
+        (until > now.as_micros()).then(|| Timestamp::from_micros(until))
+    }
 }
 
 /// Builds a [`MemoryStore`] with a cap, a shard count or a clock of your choosing.
@@ -217,6 +286,7 @@ struct Table {
 pub struct MemoryStoreBuilder<C = SystemClock> {
     max_keys: usize,
     shards: Option<usize>,
+    remember_evicted: bool,
     clock: C,
 }
 
@@ -225,6 +295,7 @@ impl MemoryStoreBuilder<SystemClock> {
         MemoryStoreBuilder {
             max_keys: DEFAULT_MAX_KEYS,
             shards: None,
+            remember_evicted: true,
             clock: SystemClock::new(),
         }
     }
@@ -243,11 +314,22 @@ impl<C: Clock> MemoryStoreBuilder<C> {
         self
     }
 
+    /// Whether a key forgotten at the cap while its state still mattered is remembered in a
+    /// conservative summary (default `true`): it then never comes back fresher than it left, and,
+    /// once more keys are live than the cap holds, some new keys are refused as if they were
+    /// forgotten ones (see the type's docs). `false` lets a forgotten key start fresh, up to one
+    /// extra quota each time it is forgotten, and never refuses a new key.
+    pub fn remember_evicted(mut self, remember: bool) -> Self {
+        self.remember_evicted = remember;
+        self
+    }
+
     /// The clock decisions are made with (a [`ManualClock`](crate::ManualClock) in tests).
     pub fn clock<C2: Clock>(self, clock: C2) -> MemoryStoreBuilder<C2> {
         MemoryStoreBuilder {
             max_keys: self.max_keys,
             shards: self.shards,
+            remember_evicted: self.remember_evicted,
             clock,
         }
     }
@@ -272,6 +354,10 @@ impl<C: Clock> MemoryStoreBuilder<C> {
                             entries: HashTable::new(),
                             sweep_at: MIN_SWEEP.min(shard_capacity),
                             added_since_sweep: 0,
+                            evicted: Evicted {
+                                slots: Box::new([]),
+                                on: self.remember_evicted,
+                            },
                         }),
                     })
                     .collect(),
@@ -318,6 +404,16 @@ impl Table {
         self.entries.find(hash, |e| e.key.is(key)).map(Entry::state)
     }
 
+    /// The state a decision on `key` starts from: the key's own, or, for a key the shard does
+    /// not hold, the conservative state [`Evicted`] says it may have had.
+    fn state(&self, hash: u64, key: &str, quota: &Quota, now: Timestamp) -> Option<Cow<'_, State>> {
+        self.get(hash, key).or_else(|| {
+            self.evicted
+                .until(hash, now)
+                .map(|until| Cow::Owned(State::exhausted_until(quota, now, until)))
+        })
+    }
+
     fn take(&mut self, hash: u64, key: &str) {
         if let Ok(occupied) = self.entries.find_entry(hash, |e| e.key.is(key)) {
             occupied.remove();
@@ -359,7 +455,7 @@ impl Table {
                     self.added_since_sweep = 0;
                 }
                 if self.entries.len() >= capacity {
-                    self.evict_one(hasher);
+                    self.evict_one(hasher, now, capacity);
                 }
                 let len = self.entries.len();
                 if len == self.entries.capacity() && len >= capacity / 2 {
@@ -380,8 +476,9 @@ impl Table {
         }
     }
 
-    /// Forgets the sampled entry closest to fresh.
-    fn evict_one<S: BuildHasher>(&mut self, hasher: &S) {
+    /// Forgets the sampled entry closest to fresh, folding it into [`Evicted`] if its state
+    /// still matters.
+    fn evict_one<S: BuildHasher>(&mut self, hasher: &S, now: Timestamp, capacity: usize) {
         let victim = self
             .entries
             .iter()
@@ -391,7 +488,11 @@ impl Table {
         if let Some((hash, key)) = victim
             && let Ok(occupied) = self.entries.find_entry(hash, |e| e.key.bytes() == key)
         {
+            let expires = occupied.get().expires();
             occupied.remove();
+            if expires > now {
+                self.evicted.fold(hash, expires.as_micros(), capacity);
+            }
         }
     }
 }
@@ -494,7 +595,9 @@ impl<C: Clock> MemoryStore<C> {
         let mut undo: Vec<Option<State>> = Vec::with_capacity(limits.len());
         for (i, limit) in limits.iter().enumerate() {
             let (table, hash) = locked.table(i);
-            let old = table.get(hash, limit.key).map(Cow::into_owned);
+            let old = table
+                .state(hash, limit.key, limit.quota, now)
+                .map(Cow::into_owned);
             let (decision, new) = algorithm::decide(old.as_ref(), now, limit.quota, limit.cost);
             if decision.is_allowed() && limit.cost > 0 {
                 let expires = new.expires_at(limit.quota);
@@ -524,7 +627,7 @@ impl<C: Clock> MemoryStore<C> {
         for (i, limit) in limits.iter().enumerate() {
             if decisions[i].is_allowed() {
                 let (table, hash) = locked.table(i);
-                let state = table.get(hash, limit.key);
+                let state = table.state(hash, limit.key, limit.quota, now);
                 decisions[i] = algorithm::decide(state.as_deref(), now, limit.quota, 0).0;
             }
         }
@@ -547,7 +650,7 @@ impl<C: Clock> MemoryStore<C> {
         }
         let mut table = lock(shard);
         if limit.cost == 0 {
-            let state = table.get(hash, limit.key);
+            let state = table.state(hash, limit.key, limit.quota, now);
             return algorithm::decide(state.as_deref(), now, limit.quota, 0).0;
         }
         if let Some(entry) = table.entries.find_mut(hash, |e| e.key.is(limit.key)) {
@@ -561,7 +664,10 @@ impl<C: Clock> MemoryStore<C> {
             entry.set(new, expires);
             return decision;
         }
-        let (decision, new) = algorithm::decide(None, now, limit.quota, limit.cost);
+        let evicted = table
+            .state(hash, limit.key, limit.quota, now)
+            .map(Cow::into_owned);
+        let (decision, new) = algorithm::decide(evicted.as_ref(), now, limit.quota, limit.cost);
         if decision.is_allowed() {
             let expires = new.expires_at(limit.quota);
             table.put(hash, limit.key, new, expires, self.put_at(now));
@@ -578,7 +684,7 @@ impl<C: Clock> MemoryStore<C> {
             .enumerate()
             .map(|(i, limit)| {
                 let (table, hash) = locked.table(i);
-                let state = table.get(hash, limit.key);
+                let state = table.state(hash, limit.key, limit.quota, now);
                 algorithm::decide(state.as_deref(), now, limit.quota, limit.cost).0
             })
             .collect();
@@ -592,7 +698,7 @@ impl<C: Clock> MemoryStore<C> {
         let mut at = now;
         for (i, limit) in limits.iter().enumerate() {
             let (table, hash) = locked.table(i);
-            let state = table.get(hash, limit.key);
+            let state = table.state(hash, limit.key, limit.quota, now);
             match algorithm::earliest(state.as_deref(), now, limit.quota, limit.cost) {
                 Earliest::At(t) => at = at.max(t),
                 Earliest::Never => return Reserve::Never,
@@ -608,7 +714,9 @@ impl<C: Clock> MemoryStore<C> {
         let mut held = Vec::new();
         for (i, limit) in limits.iter().enumerate() {
             let (table, hash) = locked.table(i);
-            let state = table.get(hash, limit.key).map(Cow::into_owned);
+            let state = table
+                .state(hash, limit.key, limit.quota, now)
+                .map(Cow::into_owned);
             let state = state.as_ref();
             let new = if limit.quota.algorithm().is_bucket() {
                 let before = state.map_or(Timestamp::ZERO, |s| s.expires_at(limit.quota));

@@ -36,10 +36,72 @@ fn live() -> isize {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// The resident set of this process, in bytes (Linux; 0 elsewhere).
+fn resident() -> isize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<isize>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Bytes per key of `keys` in a fresh store, as the allocator counts them (what was asked for)
+/// and as the resident set grows (what the allocator's bookkeeping and rounding add).
+fn cost_per_key(keys: &[String], quota: &Quota) -> (f64, f64) {
+    let (heap, rss) = (live(), resident());
+    let store = MemoryStore::builder()
+        .clock(ManualClock::new(Timestamp::from_micros(1)))
+        .max_keys(1_000_000)
+        .build();
+    for key in keys {
+        assert!(store.decide_now(&[Limit::new(key, quota, 1)]).is_allowed());
+    }
+    assert_eq!(store.len(), keys.len());
+    let n = keys.len() as f64;
+    let per_key = ((live() - heap) as f64 / n, (resident() - rss) as f64 / n);
+    drop(store);
+    per_key
+}
+
 /// One test only: the allocator counts the whole process, so nothing may run beside it.
 #[test]
 fn bytes_per_key_and_a_bounded_flood() {
     let quota = Quota::per_hour(10).unwrap();
+    // The keys the inbound layer really writes: a caller's tier bucket, `{<identity>}:t:<tier>`.
+    for (what, keys) in [
+        (
+            "IPv4 caller, `{ip:10.0.3.57}:t:anonymous` (25-26 bytes)",
+            (0..400_000u32)
+                .map(|i| {
+                    format!(
+                        "{{ip:10.{}.{}.{}}}:t:anonymous",
+                        i >> 16,
+                        (i >> 8) & 255,
+                        i & 255
+                    )
+                })
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "IPv6 caller, `{ip:2001:db8:0:1a2b::/64}:t:anonymous` (36 bytes)",
+            (0..400_000u32)
+                .map(|i| {
+                    format!(
+                        "{{ip:2001:db8:{:x}:{:x}::/64}}:t:anonymous",
+                        i >> 16,
+                        i & 0xffff
+                    )
+                })
+                .collect::<Vec<_>>(),
+        ),
+    ] {
+        let (heap, rss) = cost_per_key(&keys, &quota);
+        // The resident set only grows for the first store: later ones reuse its freed pages.
+        println!(
+            "MemoryStore: {heap:.0} bytes per key allocated ({rss:.0} more resident) for {what}, \
+             400k keys"
+        );
+        assert!(heap < 160.0, "{what}: {heap:.0} bytes per key");
+    }
     // Keys of 16 bytes, like "user:0000001234".
     let keys: Vec<String> = (0..200_000u32).map(|i| format!("user:{i:010}")).collect();
     assert!(keys.iter().all(|k| k.len() == 15));

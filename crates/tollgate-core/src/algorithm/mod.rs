@@ -96,6 +96,37 @@ impl State {
         }
     }
 
+    /// A state at least as spent as any state of `quota`'s algorithm that stops mattering at
+    /// `until` (`expires_at`): what a store assumes of a key it had to forget while its state
+    /// still mattered, so that forgetting never gives the key more than it had. A bucket comes
+    /// back with the arrival time `until` (exactly its own or later); a window algorithm comes
+    /// back exhausted for the window(s) `until` reaches into.
+    pub fn exhausted_until(quota: &Quota, now: Timestamp, until: Timestamp) -> State {
+        let w = quota.interval_micros();
+        let start = Timestamp::from_micros(now.as_micros() / w * w);
+        match quota.algorithm() {
+            Algorithm::TokenBucket | Algorithm::LeakyBucket => {
+                State::Bucket(BucketState { tat: until })
+            }
+            Algorithm::FixedWindow => State::Window(WindowState {
+                start,
+                count: quota.limit(),
+            }),
+            Algorithm::SlidingWindowCounter => State::Counter(CounterState {
+                start,
+                previous: quota.limit(),
+                current: quota.limit(),
+            }),
+            Algorithm::SlidingWindowLog => State::Log(LogState {
+                entries: std::iter::once(LogEntry {
+                    at: Timestamp::from_micros(until.as_micros().saturating_sub(w)),
+                    cost: quota.limit(),
+                })
+                .collect(),
+            }),
+        }
+    }
+
     fn matches(&self, algorithm: Algorithm) -> bool {
         matches!(
             (self, algorithm),
