@@ -668,3 +668,105 @@ async fn fail_open_lets_requests_through_counted_as_store_errors() {
     // Let through, not spent: tokens are counted for the decided requests only.
     assert_eq!(tokens() - before.3, decided);
 }
+
+/// Sends as `user` until `want` answers come back with status `status` or `limit` requests were
+/// sent; how many had that status.
+async fn count_status(
+    client: &reqwest::Client,
+    url: &str,
+    user: &str,
+    tier: &str,
+    status: u16,
+    limit: usize,
+) -> usize {
+    let mut n = 0;
+    for _ in 0..limit {
+        if send(client, url, user, tier, Instant::now()).await.status == status {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Issue 12, defects 2 and 13, over a real socket and a real `redis-server` frozen with `SIGSTOP`:
+///
+/// * `fail_closed` answers 503 while Redis hangs, and the scripts still queued in Redis when it
+///   wakes write nothing (they are past their deadline): the caller is not charged for requests it
+///   was refused, and afterwards gets exactly what it had left (it used to get 429 for hours).
+/// * `local` admits a fresh burst in memory during the outage (it cannot know what Redis holds);
+///   once Redis is back the caller has what Redis held: across the outage, at most twice the
+///   burst, the bound the docs state, and the late scripts charge nothing on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_answered_during_a_hang_are_not_charged_when_redis_wakes() {
+    let _serial = SERIAL.lock().await;
+    let recorded = recorded();
+    for mode in [OnStoreError::FailClosed, OnStoreError::Local] {
+        recorded.circuit.clear();
+        let prefix = format!("tg-hang-{mode:?}");
+        let mut redis = start_redis();
+        let policy = Policy::builder()
+            .tier("h-warm", Quota::per_hour(100_000).unwrap())
+            .tier(
+                "h-tight",
+                Quota::per_hour(5).unwrap().with_burst(5).unwrap(),
+            )
+            .build()
+            .unwrap();
+        let layer = RateLimitLayer::builder(policy, common::by_header)
+            .store(redis_store(&redis, &prefix))
+            .on_store_error(mode)
+            .timeout(TIMEOUT)
+            .denied_cache(None)
+            .breaker(BreakerConfig {
+                failure_threshold: 3,
+                open_for: Duration::from_millis(300),
+            })
+            .build()
+            .expect("a valid layer");
+        let server = common::serve(app().layer(layer)).await;
+        let client = common::client();
+        let url = server.url("/api/hello");
+        warm_up(&client, &url, "h-warm", |s| s.status == 200).await;
+
+        // Two of five spent while Redis answers.
+        assert_eq!(
+            count_status(&client, &url, "carol", "h-tight", 200, 2).await,
+            2
+        );
+
+        tokio::task::block_in_place(|| redis.pause()).expect("SIGSTOP");
+        let during = count_status(&client, &url, "carol", "h-tight", 200, 8).await;
+        match mode {
+            // Every answer during the hang is a 503: nothing admitted.
+            OnStoreError::FailClosed => assert_eq!(during, 0),
+            // A fresh local burst.
+            _ => assert_eq!(during, 5, "the local fallback admits one burst"),
+        }
+        tokio::task::block_in_place(|| redis.resume()).expect("SIGCONT");
+        // Redis is back once the breaker probes it and closes (the warm caller's requests drive
+        // the probes).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = send(&client, &url, "warm", "h-warm", Instant::now()).await;
+            let history = recorded.circuit.history();
+            if history.contains(&1.0) && history.last() == Some(&0.0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the circuit never closed again: {history:?}, {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Redis holds what it held before the hang: three left, then 429.
+        let after = count_status(&client, &url, "carol", "h-tight", 200, 6).await;
+        assert_eq!(
+            after, 3,
+            "{mode:?}: the requests answered during the hang were charged when Redis woke"
+        );
+        // The bound: 2 before + what the outage admitted + 3 after, at most twice the burst.
+        assert!(2 + during + after <= 2 * 5, "{mode:?}");
+        let keys = redis_keys(&redis, &prefix);
+        assert!(!keys.is_empty(), "{keys:?}");
+    }
+}
