@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         ForwardedHeader::Forwarded
     };
     let trusted = match selector >> 1 & 3 {
-        0 => TrustedProxies::none(),
+        0 => Ok(TrustedProxies::none()),
         1 => TrustedProxies::parse(["127.0.0.1/32"]),
         2 => TrustedProxies::parse(["10.0.0.0/8", "fd00::/8", "127.0.0.1"]),
         _ => TrustedProxies::parse(["0.0.0.0/0", "::/0"]),
@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
     let mut headers = HeaderMap::new();
     for (i, part) in rest.split(|&b| b == 0).enumerate() {
         if let Ok(value) = HeaderValue::from_bytes(part) {
-            let name = if i % 2 == 0 { header.as_str() } else { "x-forwarded-for" };
+            let name = if i % 2 == 0 {
+                header.as_str()
+            } else {
+                "x-forwarded-for"
+            };
             headers.append(name, value);
         }
     }

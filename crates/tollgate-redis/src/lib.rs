@@ -94,14 +94,27 @@
 //! script and running it). A call fails with a [`StoreError`](tollgate_core::StoreError) that
 //! tells the layer above what happened:
 //!
-//! * [`is_timeout`](tollgate_core::StoreError::is_timeout): no answer in time. If the command had
-//!   been sent, **its outcome is unknown**: the script may have run and charged the request. The
-//!   store never replays such a call itself; the layer should apply its failure policy (fail open,
-//!   fail closed, or decide locally) and not retry the decision.
+//! * [`is_timeout`](tollgate_core::StoreError::is_timeout): no answer in time. The store never
+//!   replays such a call itself; the layer should apply its failure policy (fail open, fail
+//!   closed, or decide locally) and not retry the decision. A call sent to a server that hangs
+//!   (stopped, swapping, behind a stalled link) stays in its input buffer and runs when it wakes:
+//!   so every `decide` and `reserve` carries its **deadline on the server's clock** (the end of
+//!   the call timeout, converted with the offset the store learns from the `TIME` of earlier
+//!   replies, conservatively), and a script that runs past it writes nothing and answers *late*.
+//!   The bound: a call the store gave up on can still have charged only if its script started
+//!   before the deadline and the reply was on its way back (one network hop); until the first
+//!   reply of a process the offset is unknown and that first call carries no deadline. On a
+//!   cluster each slot keeps its own offset (each node has its own clock).
 //! * [`is_unavailable`](tollgate_core::StoreError::is_unavailable): Redis could not be reached
 //!   (refused, connection lost, cluster down). The connection reopens by itself in the background;
 //!   a later call succeeds once Redis is back.
-//! * anything else: a malformed reply or a script error.
+//! * anything else: a malformed reply or a script error. A reply the client does not understand
+//!   (an unknown status or outcome code, a negative time, a count past `u32`) is such an error,
+//!   never a plausible decision.
+//!
+//! An undo (cross-slot) or a give-back (a cancelled reservation) that fails leaves a charge in
+//! place, which errs toward denial; it is logged and counted in
+//! `rate_limiter_store_compensation_errors_total{store="redis",op}`.
 //!
 //! The script is run with `EVALSHA`; after a `SCRIPT FLUSH` or a restart the server answers
 //! `NOSCRIPT`, and the call loads the script and runs it again once (the script had not run). On a

@@ -1010,6 +1010,22 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any values the script can pack, for any number of limits, unpack to themselves.
+        #[test]
+        fn packed_replies_unpack_to_what_was_packed(
+            n in 0usize..8,
+            seed in proptest::collection::vec(proptest::prelude::any::<i64>(), 67),
+        ) {
+            let values = &seed[..3 + 8 * n];
+            proptest::prop_assert_eq!(unpack(&packed(values), n).ok(), Some(values.to_vec()));
+            // One byte short or long is refused.
+            let bytes = packed(values);
+            proptest::prop_assert!(unpack(&bytes[1..], n).is_err());
+            proptest::prop_assert!(unpack(&[&bytes[..], &[0]].concat(), n).is_err());
+        }
+    }
+
     #[test]
     fn refuses_a_reply_of_the_wrong_size() {
         let eleven = packed(&[0; 11]);

@@ -17,6 +17,7 @@
 //! api_keys:
 //!   key-alice: { user: alice, tier: basic }
 //! trusted_proxies: ["127.0.0.1/32"]
+//! client_ip_header: x-forwarded-for     # or forwarded: the one header the proxies write
 //! exempt_paths: [/healthz, /metrics]
 //! ```
 //!
@@ -34,8 +35,21 @@
 //! * Window algorithms: `limit` requests per `window`; the rate form means `n` per second, minute
 //!   or hour. `burst_limit` is accepted and has no effect on them (the window is the burst).
 //!
-//! Zero or negative rates, a `burst_limit` of 0, unknown keys, an unknown tier in `api_keys` and a
-//! bad duration are errors naming the file, the line and the field.
+//! Zero or negative rates, a `burst_limit` of 0, unknown keys, a key given twice (a tier, an API
+//! key, a field), an unknown tier in `api_keys`, an empty API key, a route `cost` that no tier can
+//! hold, a `timeout_ms` over [`MAX_STORE_TIMEOUT`](crate::inbound::MAX_STORE_TIMEOUT), a `store`
+//! that is neither `memory` nor `{ redis: ... }`, and a bad duration are errors naming the file,
+//! the line and the field.
+//!
+//! # Reloading
+//!
+//! A reload swaps the policy ([`PolicyHandle::set`](crate::inbound::PolicyHandle::set)) and the
+//! API keys ([`ApiKeys::replace_with`]); the store, `on_error` and `timeout_ms` are fixed when the
+//! layer is built, and [`Config::needs_restart`] lists what of a new file cannot apply. Bucket
+//! state is kept: a bucket's state is the time it is full again, read under the new quota, so a
+//! caller keeps what it spent (a raised tier refills at its new rate; a tier whose `burst_limit`
+//! shrank below what a caller spent is empty for that caller until the debt refills). The
+//! denied-until cache is emptied.
 
 use std::collections::BTreeMap;
 use std::fmt;
