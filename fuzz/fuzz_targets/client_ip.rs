@@ -32,7 +32,8 @@ fuzz_target!(|data: &[u8]| {
     } else {
         "10.1.2.3".parse().expect("an address")
     };
-    // Values separated by 0xff 0x00 become separate header instances, of both names.
+    // Values separated by a 0 byte become separate header instances, alternately of the believed
+    // header and of X-Forwarded-For.
     let mut headers = HeaderMap::new();
     for (i, part) in rest.split(|&b| b == 0).enumerate() {
         if let Ok(value) = HeaderValue::from_bytes(part) {

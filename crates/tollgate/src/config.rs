@@ -323,7 +323,7 @@ pub struct Config {
 /// component is searched as `name:` from the line of the previous one; a component `=text`
 /// searches for a value (a route's path); `[i]` components are skipped.
 fn locate(text: &str, path: &[&str]) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = yaml_lines(text).collect();
     let mut from = 0;
     let mut found = None;
     for part in path {
@@ -361,6 +361,30 @@ fn locate(text: &str, path: &[&str]) -> Option<usize> {
         from = at;
     }
     found
+}
+
+/// The lines of YAML text as the parser numbers them: a line ends at `\n`, `\r\n` or a lone
+/// `\r` (YAML 1.2, section 5.4), so the lines an error names match the parser's.
+fn yaml_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text).filter(|t| !t.is_empty());
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.find(['\n', '\r']) {
+            Some(i) => {
+                let skip = if current[i..].starts_with("\r\n") {
+                    2
+                } else {
+                    1
+                };
+                rest = Some(&current[i + skip..]).filter(|r| !r.is_empty());
+                Some(&current[..i])
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
 }
 
 struct Ctx<'a> {
@@ -523,7 +547,7 @@ fn yaml_error(file: &Path, text: &str, e: &serde_yaml_ng::Error) -> ConfigError 
 fn second_key_line(text: &str, line: usize, column: usize, key: &str) -> Option<usize> {
     let indent = column.checked_sub(1)?;
     let mut seen = 0;
-    for (i, l) in text.lines().enumerate().skip(line.checked_sub(1)?) {
+    for (i, l) in yaml_lines(text).enumerate().skip(line.checked_sub(1)?) {
         let trimmed = l.trim_start();
         let own_indent = l.len() - trimmed.len();
         let first = i + 1 == line;
@@ -1006,6 +1030,27 @@ trusted_proxies: ["127.0.0.1/32"]
 
         let e = err("rate_limits: [\n");
         assert!(e.line.is_some(), "{e}");
+    }
+
+    /// Found by the `config` fuzz target: a file with lone `\r` line ends (old Mac style) was
+    /// numbered by the parser one way and by the error locator another.
+    #[test]
+    fn lines_are_counted_as_the_parser_counts_them() {
+        assert_eq!(
+            yaml_lines("a\nb\r\nc\rd").collect::<Vec<_>>(),
+            ["a", "b", "c", "d"]
+        );
+        assert_eq!(yaml_lines("a\n").collect::<Vec<_>>(), ["a"]);
+        assert_eq!(yaml_lines("").count(), 0);
+        for eol in ["\n", "\r\n", "\r"] {
+            let text = GOOD.replace('\n', eol);
+            // Found after parsing (the locator): the unknown tier of key-bob, line 19.
+            let e = err(&text.replace("tier: pro }", "tier: platinum }"));
+            assert_eq!(e.line, Some(19), "{eol:?}: {e}");
+            // Found by the parser.
+            let e = err(&text.replace("shadow: false", "shadow: false\nsurprise: 1"));
+            assert!(e.line.is_some_and(|l| l <= 25), "{eol:?}: {e}");
+        }
     }
 
     #[test]

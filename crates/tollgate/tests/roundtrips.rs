@@ -16,8 +16,8 @@ use tollgate::outbound::{parse_http_date, parse_retry_after, signal};
 
 fn any_ip() -> impl Strategy<Value = IpAddr> {
     prop_oneof![
-        any::<[u8; 4]>().prop_map(|b| IpAddr::from(b)),
-        any::<[u16; 8]>().prop_map(|s| IpAddr::from(s)),
+        any::<[u8; 4]>().prop_map(IpAddr::from),
+        any::<[u16; 8]>().prop_map(IpAddr::from),
     ]
 }
 
