@@ -741,32 +741,10 @@ async fn calls_queued_for_an_in_flight_slot_respect_a_pause() {
 /// `secs` after the Unix epoch in the two obsolete HTTP-date forms (RFC 9110, section 5.6.7):
 /// RFC 850 and asctime.
 fn obsolete_http_dates(secs: u64) -> [String; 2] {
-    const DAYS: [&str; 7] = [
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-    ];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = secs / 86_400;
+    let (year, month, day, weekday) = common::civil(secs);
     let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
-    let weekday = DAYS[(days % 7) as usize];
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    let mon = MONTHS[(month - 1) as usize];
+    let weekday = common::WEEKDAYS[weekday as usize];
+    let mon = common::MONTHS[(month - 1) as usize];
     [
         format!(
             "{weekday}, {day:02}-{mon}-{:02} {h:02}:{m:02}:{s:02} GMT",

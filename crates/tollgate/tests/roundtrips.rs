@@ -5,6 +5,8 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod common;
+
 use http::{HeaderMap, HeaderValue, StatusCode};
 use proptest::prelude::*;
 use tollgate::client_ip::{Cidr, ForwardedHeader, TrustedProxies, client_ip};
@@ -148,25 +150,12 @@ proptest! {
 
 /// An IMF-fixdate, as senders must write it.
 fn httpdate_fmt(at: SystemTime) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
     let secs = at.duration_since(UNIX_EPOCH).expect("after 1970").as_secs();
-    let days = secs / 86_400;
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
+    let (year, month, day, weekday) = common::civil(secs);
     format!(
         "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
-        DAYS[(days % 7) as usize],
-        MONTHS[(month - 1) as usize],
+        &common::WEEKDAYS[weekday as usize][..3],
+        common::MONTHS[(month - 1) as usize],
         secs % 86_400 / 3600,
         secs % 3600 / 60,
         secs % 60

@@ -70,9 +70,9 @@ pub(crate) struct Shared {
     pub(crate) denied: Option<DeniedCache>,
     /// `rate_limiter_store_latency_seconds{store}`, registered on first use.
     pub(crate) latency: std::sync::OnceLock<metrics::Histogram>,
-    /// Whether a misconfiguration was logged already (the log says it once; the metric counts
-    /// every request).
-    pub(crate) misconfigured: std::sync::atomic::AtomicBool,
+    /// The misconfigurations (by reason) logged already: the log says each once, the metric
+    /// counts every request.
+    pub(crate) misconfigured: std::sync::Mutex<Vec<&'static str>>,
 }
 
 /// The headers to add to the response of a forwarded request.
@@ -288,10 +288,12 @@ impl Shared {
     /// level: the operator must act), counted every time, answered 500 with the fix.
     fn misconfigured(&self, reason: &'static str, detail: &str) -> Response<Bytes> {
         metrics::counter!(m::MISCONFIGURED_TOTAL, "reason" => reason).increment(1);
-        if !self
+        let mut logged = self
             .misconfigured
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !logged.contains(&reason) {
+            logged.push(reason);
             tracing::error!(reason, "rate limiter misconfigured: {detail}");
         }
         problem_response(

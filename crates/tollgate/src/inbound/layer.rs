@@ -180,7 +180,7 @@ impl<K> RateLimitLayerBuilder<K> {
                 timeout: self.timeout,
                 denied: self.denied_cache.map(DeniedCache::new),
                 latency: std::sync::OnceLock::new(),
-                misconfigured: std::sync::atomic::AtomicBool::new(false),
+                misconfigured: std::sync::Mutex::new(Vec::new()),
             }),
             extractor: self.extractor,
         })

@@ -26,12 +26,16 @@
 //!
 //! 1. An exempt path passes untouched (no headers).
 //! 2. The [`KeyExtractor`] finds the caller: a key (`user:alice`, `ip:203.0.113.7`) and a tier.
-//!    An unknown API key is answered **401**.
+//!    An unknown API key is answered **401**, two credentials in one request **400**; a caller
+//!    that cannot be known as the server is set up (no peer address, a tier the policy lacks) is
+//!    **500** with a problem body naming the fix, logged once and counted
+//!    (`rate_limiter_misconfigured_total`), never a guess.
 //! 3. The limits of the request are gathered: the caller's tier (charged the route's cost), the
 //!    route's own limit if any (same cost), and the whole-service limit (one per request). They
 //!    are decided **in one store call, all or nothing**.
 //! 4. If the caller was denied moments ago, the **denied-until cache** answers 429 locally until
-//!    the known retry time, without a store call (exact: nothing can make that time earlier).
+//!    the known retry time, without a store call (exact: nothing can make that time earlier under
+//!    the same policy; entries are keyed by the tier bucket and route, and a reload empties it).
 //! 5. Allowed: the handler runs (after a leaky bucket's shaping delay), with the
 //!    [`RateLimitDecision`] in the request's extensions, and the response gets the rate-limit
 //!    headers of the limit closest to denial. Denied: **429** with `Retry-After`, the headers and
