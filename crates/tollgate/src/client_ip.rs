@@ -3,9 +3,10 @@
 //! A request's TCP peer is the last hop that connected to us. Behind a load balancer or a reverse
 //! proxy that peer is the proxy, and the client address travels in a forwarding header
 //! (`Forwarded: for=…`, [RFC 7239], or the de facto `X-Forwarded-For`). Anyone can send those
-//! headers, so they are believed only when the peer is one of the [`TrustedProxies`], and then only
-//! as far back as the chain of trusted proxies reaches: [`client_ip`] walks the hops from the right
-//! and stops at the first one it does not trust.
+//! headers, so one is believed only when the peer is one of the [`TrustedProxies`], only the one
+//! they write ([`ForwardedHeader`]; the other could be the client's own), and then only as far
+//! back as the chain of trusted proxies reaches: [`client_ip`] walks the hops from the right and
+//! stops at the first one it does not trust.
 //!
 //! [`ip_key`] turns the address into a rate-limit key, grouping IPv6 by network prefix (one host
 //! usually owns a whole `/64`), and [`bounded_key`] caps the length of any key by replacing long
