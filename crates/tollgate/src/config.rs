@@ -564,7 +564,9 @@ fn second_key_line(text: &str, line: usize, column: usize, key: &str) -> Option<
         } else {
             own_indent
         };
-        seen += key_occurrences(&l[from..], key);
+        // The parser counts columns in characters: a byte offset past a multi-byte one may fall
+        // inside a character, and then the whole line is searched.
+        seen += key_occurrences(l.get(from..).unwrap_or(l), key);
         if seen >= 2 {
             return Some(i + 1);
         }
@@ -1051,6 +1053,36 @@ trusted_proxies: ["127.0.0.1/32"]
             let e = err(&text.replace("shadow: false", "shadow: false\nsurprise: 1"));
             assert!(e.line.is_some_and(|l| l <= 25), "{eol:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_key_given_twice_is_found_where_it_is_given_again() {
+        let e = err(
+            "rate_limits:\n  basic: { requests_per_hour: 1 }\n  pro: { requests_per_hour: 2 }\n  basic: { requests_per_hour: 3 }\n",
+        );
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(4), Some("rate_limits")),
+            "{e}"
+        );
+        assert!(e.message.contains("`basic` is given twice"), "{e}");
+        // Flow style: the same line.
+        let e = err("rate_limits: { a: { requests_per_hour: 1 }, a: { requests_per_hour: 2 } }\n");
+        assert_eq!(e.line, Some(1), "{e}");
+        // Multi-byte characters before the mapping do not throw the search off a character.
+        let e = err(
+            "rate_limits:\n  \u{e9}t\u{e9}: { requests_per_hour: 1 }\n  \u{e9}t\u{e9}: { requests_per_hour: 2 }\n",
+        );
+        assert_eq!(e.line, Some(3), "{e}");
+        let e = err(
+            "rate_limits: { \u{e9}\u{e9}\u{e9}: { requests_per_hour: 1 }, \u{e9}\u{e9}\u{e9}: { requests_per_hour: 2 } }\n",
+        );
+        assert!(e.line.is_some(), "{e}");
+        // A field of a struct given twice.
+        let e = err(
+            "rate_limits:\n  a:\n    requests_per_hour: 1\n    burst_limit: 2\n    requests_per_hour: 3\n",
+        );
+        assert_eq!(e.line, Some(5), "{e}");
     }
 
     #[test]
