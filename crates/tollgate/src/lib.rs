@@ -23,6 +23,7 @@ pub mod config;
 mod denied;
 pub mod headers;
 pub mod inbound;
+pub mod limiter;
 pub mod metrics;
 pub mod outbound;
 

@@ -6,43 +6,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use tollgate_core::{Decision, DynStore, Limit, MemoryStore, Outcome, StoreError, Verdict};
+use tollgate_core::{Decision, Limit, Outcome, Verdict};
 
 use super::identity::{Identity, Rejection, TIER_KEY_EXTRA};
 use super::policy::{LimitInfo, Policy, PolicyHandle, Tier};
-use crate::breaker::{Admission, CircuitBreaker};
 use crate::client_ip::fingerprint;
 use crate::denied::DeniedCache;
 use crate::headers::{self, HeaderMode};
+use crate::limiter::guarded::{Guarded, GuardedStore};
 use crate::metrics::{self as m, outcome};
-
-/// What the layer does when the store fails or times out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnStoreError {
-    /// Let the request through (counted as `store_error`).
-    FailOpen,
-    /// Answer 503 with `Retry-After`.
-    FailClosed,
-    /// Decide in a local in-memory store while a circuit breaker keeps the failing store aside;
-    /// the breaker probes it again and closes once it answers.
-    #[default]
-    Local,
-}
-
-impl std::str::FromStr for OnStoreError {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fail_open" => Ok(OnStoreError::FailOpen),
-            "fail_closed" => Ok(OnStoreError::FailClosed),
-            "local" => Ok(OnStoreError::Local),
-            other => Err(format!(
-                "unknown on_error `{other}`: expected fail_open, fail_closed or local"
-            )),
-        }
-    }
-}
 
 /// The decision a handler can read from the request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,15 +33,9 @@ pub struct RateLimitDecision {
 pub(crate) struct Shared {
     /// The policy in force (replaceable).
     pub(crate) policy: PolicyHandle,
-    pub(crate) store: Arc<dyn DynStore>,
-    pub(crate) store_kind: &'static str,
-    pub(crate) fallback: MemoryStore,
-    pub(crate) breaker: CircuitBreaker,
-    pub(crate) on_error: OnStoreError,
-    pub(crate) timeout: Duration,
+    /// The store behind its timeout, breaker and failure policy.
+    pub(crate) store: GuardedStore,
     pub(crate) denied: Option<DeniedCache>,
-    /// `rate_limiter_store_latency_seconds{store}`, registered on first use.
-    pub(crate) latency: std::sync::OnceLock<metrics::Histogram>,
     /// The misconfigurations (by reason) logged already: the log says each once, the metric
     /// counts every request.
     pub(crate) misconfigured: std::sync::Mutex<Vec<&'static str>>,
@@ -366,15 +332,9 @@ impl Shared {
                 }
             }
         }
-        let started = Instant::now();
         let (limits, n) = plan.limits();
-        match self.store.decide_now_dyn(&limits[..n]) {
-            Some(result) => {
-                self.latency().record(started.elapsed().as_secs_f64());
-                let from_store = result.is_ok();
-                let result = result.or_else(|e| self.on_failure(&plan, &e, Admission::Store));
-                Ok(self.finish(plan, result, from_store))
-            }
+        match self.store.decide_now(&limits[..n]) {
+            Some(answer) => Ok(self.finish(plan, answer)),
             None => Err(Box::new(plan)),
         }
     }
@@ -382,77 +342,23 @@ impl Shared {
     /// Decides a plan on a store that does I/O, under the breaker, the timeout and the failure
     /// policy.
     pub(crate) async fn decide(self: Arc<Self>, plan: Box<Plan>) -> Next {
-        let admission = self.breaker.admit();
-        let mut from_store = false;
-        let result = match admission {
-            Admission::Fallback => self.unavailable(&plan),
-            Admission::Store | Admission::Probe => {
-                let started = Instant::now();
-                let (limits, n) = plan.limits();
-                let outcome =
-                    tokio::time::timeout(self.timeout, self.store.decide_boxed(&limits[..n]))
-                        .await
-                        .unwrap_or_else(|_| Err(StoreError::timeout()));
-                self.latency().record(started.elapsed().as_secs_f64());
-                match outcome {
-                    Ok(verdict) => {
-                        self.breaker.on_success(admission);
-                        self.circuit_gauge();
-                        from_store = true;
-                        Ok(verdict)
-                    }
-                    Err(e) => self.on_failure(&plan, &e, admission),
-                }
-            }
-        };
-        self.finish(*plan, result, from_store)
+        let (limits, n) = plan.limits();
+        let answer = self.store.decide(&limits[..n]).await;
+        self.finish(*plan, answer)
     }
 
-    fn latency(&self) -> &metrics::Histogram {
-        self.latency.get_or_init(
-            || metrics::histogram!(m::STORE_LATENCY_SECONDS, "store" => self.store_kind),
-        )
-    }
-
-    fn circuit_gauge(&self) {
-        metrics::gauge!(m::CIRCUIT_OPEN, "store" => self.store_kind)
-            .set(if self.breaker.is_open() { 1.0 } else { 0.0 });
-    }
-
-    fn on_failure(
-        &self,
-        plan: &Plan,
-        error: &StoreError,
-        admission: Admission,
-    ) -> Result<Verdict, Failure> {
-        metrics::counter!(m::STORE_ERRORS_TOTAL, "store" => self.store_kind).increment(1);
-        tracing::warn!(store = self.store_kind, error = %error, "rate-limit store failed");
-        self.breaker.on_failure(admission);
-        self.circuit_gauge();
-        self.unavailable(plan)
-    }
-
-    fn unavailable(&self, plan: &Plan) -> Result<Verdict, Failure> {
-        match self.on_error {
-            OnStoreError::Local => {
-                let (limits, n) = plan.limits();
-                Ok(self.fallback.decide_now(&limits[..n]))
-            }
-            OnStoreError::FailOpen => Err(Failure::Open),
-            OnStoreError::FailClosed => Err(Failure::Closed),
-        }
-    }
-
-    /// `from_store`: the verdict is the store's own, not the local fallback's.
-    fn finish(&self, owned: Plan, result: Result<Verdict, Failure>, from_store: bool) -> Next {
+    /// Turns the store's (or the failure policy's) answer into what to do with the request.
+    fn finish(&self, owned: Plan, answer: Guarded<Verdict>) -> Next {
         let plan = &owned;
-        let verdict = match result {
-            Ok(verdict) => verdict,
-            Err(failure) => {
+        // `from_store`: the verdict is the store's own, not the local fallback's.
+        let (verdict, from_store) = match answer {
+            Guarded::Store(verdict) => (verdict, true),
+            Guarded::Local(verdict) => (verdict, false),
+            failure @ (Guarded::Open | Guarded::Closed) => {
                 count(plan, outcome::STORE_ERROR);
                 tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::STORE_ERROR, "rate limit");
                 return match failure {
-                    Failure::Open => Next::Forward {
+                    Guarded::Open => Next::Forward {
                         after: None,
                         delay: Duration::ZERO,
                         extension: Some(RateLimitDecision {
@@ -469,8 +375,8 @@ impl Shared {
                             store_error: true,
                         }),
                     },
-                    Failure::Closed => {
-                        let retry = self.breaker.config().open_for.max(Duration::from_secs(1));
+                    _ => {
+                        let retry = self.store.retry_after_unavailable();
                         let mut response = problem_response(
                             StatusCode::SERVICE_UNAVAILABLE,
                             headers::problem(
@@ -616,10 +522,4 @@ impl std::fmt::Display for KeyHash<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:032x}", fingerprint(self.0.as_bytes()))
     }
-}
-
-/// The failure policy's answer when it does not decide locally.
-enum Failure {
-    Open,
-    Closed,
 }

@@ -6,12 +6,14 @@ use std::time::Duration;
 use tollgate_core::{DynStore, MemoryStore, Store};
 use tower_layer::Layer;
 
-use super::engine::{OnStoreError, Shared};
+use super::engine::Shared;
 use super::identity::{ApiKeys, ClientIp, Global, HeaderValueKey};
 use super::policy::{Policy, PolicyHandle};
 use super::service::RateLimit;
-use crate::breaker::{BreakerConfig, CircuitBreaker};
+use crate::breaker::BreakerConfig;
 use crate::denied::DeniedCache;
+use crate::limiter::OnStoreError;
+use crate::limiter::guarded::{Guard, GuardedStore};
 
 /// The default bound on one store call, failure policy included.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
@@ -55,8 +57,8 @@ pub struct RateLimitLayer<K> {
 impl<K> std::fmt::Debug for RateLimitLayer<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimitLayer")
-            .field("store", &self.shared.store_kind)
-            .field("on_error", &self.shared.on_error)
+            .field("store", &self.shared.store.kind())
+            .field("on_error", &self.shared.store.on_error())
             .finish_non_exhaustive()
     }
 }
@@ -172,16 +174,16 @@ impl<K> RateLimitLayerBuilder<K> {
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
                 policy: PolicyHandle::new(self.policy),
-                store_kind: store.kind_dyn(),
-                store,
-                fallback: MemoryStore::builder()
-                    .max_keys(self.fallback_max_keys)
-                    .build(),
-                breaker: CircuitBreaker::new(self.breaker),
-                on_error: self.on_error,
-                timeout: self.timeout,
+                store: GuardedStore::new(
+                    store,
+                    Guard {
+                        on_error: self.on_error,
+                        timeout: self.timeout,
+                        breaker: self.breaker,
+                        fallback_max_keys: self.fallback_max_keys,
+                    },
+                ),
                 denied: self.denied_cache.map(DeniedCache::new),
-                latency: std::sync::OnceLock::new(),
                 misconfigured: std::sync::Mutex::new(Vec::new()),
             }),
             extractor: self.extractor,

@@ -58,7 +58,8 @@ mod layer;
 mod policy;
 mod service;
 
-pub use engine::{OnStoreError, RateLimitDecision};
+pub use crate::limiter::OnStoreError;
+pub use engine::RateLimitDecision;
 pub use future::ResponseFuture;
 pub use identity::{
     ApiKeyEntry, ApiKeys, ClientIp, Global, HeaderValueKey, Identity, KeyExtractor, PeerAddr,

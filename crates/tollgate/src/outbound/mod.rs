@@ -54,13 +54,17 @@ use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
-use tollgate_core::{DynStore, Limit, MemoryStore, Quota, Reservation, Reserve, Store};
+use tollgate_core::{DynStore, Limit, MemoryStore, Quota, Store};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::breaker::BreakerConfig;
+use crate::limiter::OnStoreError;
+use crate::limiter::guarded::{Guard, GuardedStore};
+use crate::limiter::wait::{self, Refused};
 use crate::metrics as m;
 
 /// A boxed error, as the outbound service returns ([`RateLimited`] or the inner service's error).
@@ -270,8 +274,8 @@ pub enum Mode {
 }
 
 struct Shared {
-    store: Arc<dyn DynStore>,
-    fallback: MemoryStore,
+    /// The store behind its timeout, breaker and local fallback.
+    store: Arc<GuardedStore>,
     mode: Mode,
     retries: u32,
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
@@ -300,6 +304,8 @@ pub struct RateLimitLayerBuilder<Sel> {
     mode: Mode,
     retries: u32,
     in_flight: Option<usize>,
+    timeout: Duration,
+    breaker: BreakerConfig,
 }
 
 impl<Sel> fmt::Debug for RateLimitLayerBuilder<Sel> {
@@ -319,9 +325,15 @@ impl<Sel> RateLimitLayer<Sel> {
             mode: Mode::Wait(Duration::from_secs(30)),
             retries: 0,
             in_flight: None,
+            timeout: DEFAULT_STORE_TIMEOUT,
+            breaker: BreakerConfig::default(),
         }
     }
 }
+
+/// The default bound on one store call of the outbound layer: generous, as calls wait anyway;
+/// a Redis store's own timeout (50 ms by default) usually answers first.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl<Sel> RateLimitLayerBuilder<Sel> {
     /// Where the buckets live (default: this process's memory). A Redis store shares them with
@@ -356,12 +368,35 @@ impl<Sel> RateLimitLayerBuilder<Sel> {
         self
     }
 
+    /// The longest one store call may take before the call decides in this process's memory
+    /// instead (default [`DEFAULT_STORE_TIMEOUT`], at most
+    /// [`MAX_STORE_TIMEOUT`](crate::inbound::MAX_STORE_TIMEOUT)).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout.min(crate::inbound::MAX_STORE_TIMEOUT);
+        self
+    }
+
+    /// When the circuit breaker in front of the store opens and how long before it probes the
+    /// store again; while it is open, calls are limited in this process's memory.
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> RateLimitLayer<Sel> {
+        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         RateLimitLayer {
             shared: Arc::new(Shared {
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
-                fallback: MemoryStore::new(),
+                store: Arc::new(GuardedStore::new(
+                    store,
+                    Guard {
+                        on_error: OnStoreError::Local,
+                        timeout: self.timeout,
+                        breaker: self.breaker,
+                        fallback_max_keys: tollgate_core::DEFAULT_MAX_KEYS,
+                    },
+                )),
                 mode: self.mode,
                 retries: self.retries,
                 in_flight: self
@@ -418,126 +453,47 @@ impl<S, Sel> RateLimit<S, Sel> {
     }
 }
 
-/// Gives a reservation back if the call is dropped while it waits.
-struct CancelOnDrop {
-    store: Arc<dyn DynStore>,
-    reservation: Option<Reservation>,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        let Some(reservation) = self.reservation.take() else {
-            return;
-        };
-        if reservation.held().is_empty() {
-            return;
-        }
-        let store = Arc::clone(&self.store);
-        let kind = store.kind_dyn();
-        // A place that cannot be given back stays taken until its time passes: later calls wait
-        // longer than they need to. Said and counted, never dropped in silence.
-        let failed = move |why: &dyn fmt::Display| {
-            tracing::warn!(
-                store = kind,
-                "cannot give a dropped call's place back: {why}"
-            );
-            metrics::counter!(m::COMPENSATION_ERRORS_TOTAL, "store" => kind, "op" => "cancel")
-                .increment(1);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(async move {
-                    if let Err(e) = store.cancel_boxed(&reservation).await {
-                        failed(&e);
-                    }
-                });
-            }
-            Err(e) => failed(&e),
-        }
-    }
-}
-
 impl Shared {
+    /// The limits of the buckets, in order.
+    fn limits(buckets: &[Bucket]) -> Vec<Limit<'_>> {
+        buckets
+            .iter()
+            .map(|b| Limit::new(&b.key, &b.quota, b.cost))
+            .collect()
+    }
+
     /// Waits for room in every bucket (or fails with `RateLimited`).
     async fn acquire(&self, buckets: &[Bucket]) -> Result<(), BoxError> {
         if buckets.is_empty() {
             return Ok(());
         }
-        let limits: Vec<Limit<'_>> = buckets
-            .iter()
-            .map(|b| Limit::new(&b.key, &b.quota, b.cost))
-            .collect();
+        let max_wait = match self.mode {
+            Mode::Wait(d) => d,
+            Mode::Reject => Duration::ZERO,
+        };
         let limited = |retry_after| -> BoxError {
             Box::new(RateLimited {
                 bucket: buckets[0].key.clone(),
                 retry_after,
             })
         };
-        let started = Instant::now();
-        let max_wait = match self.mode {
-            Mode::Wait(d) => d,
-            Mode::Reject => Duration::ZERO,
-        };
-        let deadline = started + max_wait;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let answer = match self.store.reserve_boxed(&limits, left).await {
-                Ok(answer) => answer,
-                Err(error) => {
-                    // The shared store is down: keep the process within its buckets on its own.
-                    tracing::warn!(%error, "outbound rate-limit store failed; limiting locally");
-                    self.fallback.reserve_now(&limits, left)
+        match wait::acquire(&self.store, &Self::limits(buckets), max_wait).await {
+            Ok(waited) => {
+                for b in buckets {
+                    metrics::histogram!(m::WAIT_SECONDS, "bucket" => Arc::clone(&b.label))
+                        .record(waited.as_secs_f64());
                 }
-            };
-            match answer {
-                Reserve::Granted(reservation) => {
-                    let wait = reservation.wait();
-                    let mut guard = CancelOnDrop {
-                        store: Arc::clone(&self.store),
-                        reservation: Some(reservation),
-                    };
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                        // The place's time has come: it is not given back from here on.
-                        guard.reservation = None;
-                        if self.paused(buckets).await {
-                            // An upstream paused a bucket while this call waited (here or in
-                            // another process): its place is before the pause end, so it must
-                            // not be used. Forget it (giving it back could undo part of the
-                            // pause) and take a place after the pause.
-                            continue;
-                        }
-                    }
-                    guard.reservation = None;
-                    for b in buckets {
-                        metrics::histogram!(m::WAIT_SECONDS, "bucket" => Arc::clone(&b.label))
-                            .record(started.elapsed().as_secs_f64());
-                    }
-                    return Ok(());
-                }
-                Reserve::Retry { after } if after <= left => tokio::time::sleep(after).await,
-                Reserve::Retry { after } => return Err(limited(Some(after))),
-                Reserve::WouldExceed { retry_after } => return Err(limited(Some(retry_after))),
-                Reserve::Never => return Err(limited(None)),
+                Ok(())
             }
+            Err(Refused::Limited { retry_after }) => Err(limited(retry_after)),
+            // The outbound layer decides locally while the store is away: never refused for it.
+            Err(Refused::Unavailable) => Err(limited(Some(self.store.retry_after_unavailable()))),
         }
     }
 
-    /// Whether any of the buckets is paused now (its pause marker has no room), as a call that
-    /// held a place while it slept checks before it is sent.
+    /// Whether any of the buckets is paused now.
     async fn paused(&self, buckets: &[Bucket]) -> bool {
-        let markers: Vec<String> = buckets.iter().map(|b| pause_marker(&b.key)).collect();
-        let limits: Vec<Limit<'_>> = markers
-            .iter()
-            .zip(buckets)
-            .map(|(key, b)| Limit::new(key, &b.quota, 1))
-            .collect();
-        let verdict = match self.store.peek_boxed(&limits).await {
-            Ok(verdict) => verdict,
-            Err(_) => self.fallback.peek_now(&limits),
-        };
-        // A shaping (leaky) bucket admits with a delay what a token bucket refuses.
-        !verdict.is_allowed() || !verdict.delay().is_zero()
+        wait::paused(&self.store, &Self::limits(buckets)).await
     }
 
     /// Pauses every bucket for what the upstream said.
@@ -550,26 +506,11 @@ impl Shared {
                 metrics::counter!(m::UPSTREAM_LIMITED_TOTAL, "bucket" => Arc::clone(&b.label))
                     .increment(1);
             }
-            // The bucket itself, so new calls take places after the pause, and its marker, so
-            // the calls already holding a place before the pause end see it and wait too.
-            for key in [b.key.clone(), pause_marker(&b.key)] {
-                if let Err(error) = self.store.pause_boxed(&key, &b.quota, signal.pause).await {
-                    tracing::warn!(%error, bucket = %b.label, "cannot pause the bucket in the store");
-                    self.fallback.pause_now(&key, &b.quota, signal.pause);
-                }
-            }
+            wait::pause(&self.store, &b.key, &b.quota, signal.pause).await;
         }
         tracing::debug!(pause = ?signal.pause, limited = signal.limited, "upstream asked to slow down");
         signal.limited
     }
-}
-
-/// The key marking a bucket's pause: only `Shared::adapt` writes it (a pause), so a peek of one
-/// unit is refused exactly until the pause ends (a token bucket paused until `t` lets its first
-/// unit through at `t`). The suffix keeps any `{hash tag}` of the key, so on Redis Cluster the
-/// marker lives in the bucket's slot.
-fn pause_marker(key: &str) -> String {
-    format!("{key}:paused")
 }
 
 impl<S, Sel, Req> Service<Req> for RateLimit<S, Sel>
