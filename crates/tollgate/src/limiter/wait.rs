@@ -44,24 +44,20 @@ pub(crate) async fn acquire(
         match reserve {
             Reserve::Granted(reservation) => {
                 let wait = reservation.wait();
-                let mut guard = CancelOnDrop {
-                    store: Arc::clone(store),
-                    reservation: Some(reservation),
-                    local,
-                };
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                    // The place's time has come: it is not given back from here on.
-                    guard.reservation = None;
-                    if paused(store, limits).await {
-                        // A pause started while this call waited (here or in another process):
-                        // its place is before the pause end, so it must not be used. Forget it
-                        // (giving it back could undo part of the pause) and take a place after
-                        // the pause.
-                        continue;
-                    }
+                let place = Place::new(store, reservation, local);
+                if wait.is_zero() {
+                    place.keep();
+                    return Ok(started.elapsed());
                 }
-                guard.reservation = None;
+                tokio::time::sleep(wait).await;
+                // The place's time has come: it is not given back from here on.
+                place.keep();
+                if paused(store, limits).await {
+                    // A pause started while this call waited (here or in another process): its
+                    // place is before the pause end, so it must not be used. Forget it (giving
+                    // it back could undo part of the pause) and take a place after the pause.
+                    continue;
+                }
                 return Ok(started.elapsed());
             }
             Reserve::Retry { after } if after <= left => tokio::time::sleep(after).await,
@@ -115,14 +111,38 @@ fn pause_marker(key: &str) -> String {
     format!("{key}:paused")
 }
 
-/// Gives a reservation back if the wait is dropped before its time.
-struct CancelOnDrop {
+/// A place in line that is given back when dropped before it is kept: a wait dropped while it
+/// sleeps, a [`Reserved`](super::Reserved) dropped unused.
+pub(crate) struct Place {
     store: Arc<GuardedStore>,
     reservation: Option<Reservation>,
+    /// Taken in the local fallback (given back there).
     local: bool,
 }
 
-impl Drop for CancelOnDrop {
+impl Place {
+    pub(crate) fn new(store: &Arc<GuardedStore>, reservation: Reservation, local: bool) -> Place {
+        Place {
+            store: Arc::clone(store),
+            reservation: Some(reservation),
+            local,
+        }
+    }
+
+    /// Uses the place: it is not given back.
+    pub(crate) fn keep(mut self) {
+        self.reservation = None;
+    }
+
+    /// Gives the place back now.
+    pub(crate) async fn give_back(mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            self.store.cancel(&reservation, self.local).await;
+        }
+    }
+}
+
+impl Drop for Place {
     fn drop(&mut self) {
         let Some(reservation) = self.reservation.take() else {
             return;
