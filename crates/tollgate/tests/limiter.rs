@@ -500,3 +500,105 @@ async fn redis_killed_mid_run_follows_the_failure_policy() {
         );
     }
 }
+
+/// The blocking forms work from plain threads (several at once, exactly the burst between
+/// them) and refuse clearly, at once, inside a runtime.
+#[test]
+fn blocking_forms_work_from_plain_threads() {
+    let limiter = Limiter::builder()
+        .limit("hook", hourly(20))
+        .build()
+        .expect("a limiter");
+    let granted: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let limiter = &limiter;
+                s.spawn(move || {
+                    (0..5)
+                        .filter(|_| limiter.blocking().check("hook", "slack:ws").is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a thread"))
+            .sum()
+    });
+    assert_eq!(granted, 20, "exactly the burst across 8 threads");
+    // acquire sleeps the thread for its turn: 10 a second, burst 1.
+    let paced = Limiter::builder()
+        .limit(
+            "sdk",
+            Quota::per_second(10)
+                .and_then(|q| q.with_burst(1))
+                .expect("a quota"),
+        )
+        .build()
+        .expect("a limiter");
+    let started = Instant::now();
+    for _ in 0..3 {
+        paced
+            .blocking()
+            .acquire("sdk", "x", Duration::from_secs(2))
+            .expect("granted");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(180),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = paced
+        .blocking()
+        .acquire("sdk", "x", Duration::ZERO)
+        .expect_err("no room now");
+    assert!(e.is_rate_limited(), "{e}");
+    // Inside a runtime: refused at once, with words that say what to do.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let inside = runtime.block_on(async { paced.blocking().check("sdk", "y") });
+    match inside {
+        Err(e @ LimitError::InsideRuntime) => {
+            assert!(e.to_string().contains(".await"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Dropping a limiter whose blocking runtime runs, inside an async task, is fine.
+    runtime.block_on(async move { drop(paced) });
+}
+
+/// A Redis store for synchronous code, built in the limiter's own runtime.
+#[test]
+fn blocking_forms_on_redis() {
+    let server = RedisServer::start().expect("redis-server starts");
+    let url = server.url();
+    let limiter = Limiter::builder()
+        .limit("slack", hourly(3))
+        .timeout(TIMEOUT)
+        .store_with(|| {
+            RedisStore::builder(url)
+                .prefix("limiter-blocking")
+                .timeout(TIMEOUT)
+                .build()
+        })
+        .expect("a store")
+        .build()
+        .expect("a limiter");
+    let blocking = limiter.blocking();
+    for _ in 0..3 {
+        let grant = blocking.check("slack", "ws").expect("granted");
+        assert!(!grant.store_error);
+    }
+    assert!(
+        blocking
+            .check("slack", "ws")
+            .is_err_and(|e| e.is_rate_limited())
+    );
+    let keys = server.cmd(&["KEYS", "limiter-blocking:*"]).expect("KEYS");
+    assert_eq!(
+        keys.as_array().map(<[_]>::len),
+        Some(1),
+        "the state is in Redis: {keys:?}"
+    );
+}

@@ -86,6 +86,20 @@ pub enum LimitError {
     /// The store is unavailable and the failure policy refuses (`fail_closed`).
     #[error("the rate limiter's store is unavailable")]
     Unavailable,
+    /// A blocking form was called from inside an async runtime, where blocking would stall (or
+    /// deadlock) the runtime's own threads.
+    #[error(
+        "the Limiter's blocking forms cannot run inside an async runtime: `.await` the async \
+         methods instead (or, from a `spawn_blocking` thread, `Handle::current().block_on(..)`)"
+    )]
+    InsideRuntime,
+    /// [`LimiterBuilder::store_with`](super::LimiterBuilder::store_with) could not build the
+    /// store.
+    #[error("cannot build the Limiter's store: {0}")]
+    Store(String),
+    /// The blocking forms' runtime could not be started.
+    #[error("cannot start the Limiter's runtime for blocking calls: {0}")]
+    Runtime(String),
     /// A limit name given twice to the builder.
     #[error("limit `{name}` is given twice")]
     DuplicateLimit {

@@ -64,8 +64,10 @@
 pub(crate) mod guarded;
 pub(crate) mod wait;
 
+mod blocking;
 mod error;
 
+pub use blocking::{Blocking, BlockingRequest};
 pub use error::{LimitError, RateLimited};
 pub use guarded::OnStoreError;
 
@@ -94,6 +96,9 @@ pub struct Limiter {
 struct Inner {
     store: Arc<GuardedStore>,
     limits: HashMap<Arc<str>, Quota>,
+    /// The runtime of the blocking forms, started on first use (or by
+    /// [`LimiterBuilder::store_with`]).
+    runtime: std::sync::OnceLock<blocking::OwnRuntime>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -112,6 +117,7 @@ pub struct LimiterBuilder {
     limits: Vec<(String, Quota)>,
     store: Option<Arc<dyn DynStore>>,
     guard: Guard,
+    runtime: Option<blocking::OwnRuntime>,
 }
 
 impl std::fmt::Debug for LimiterBuilder {
@@ -141,6 +147,30 @@ impl LimiterBuilder {
     pub fn shared_store(mut self, store: Arc<dyn DynStore>) -> Self {
         self.store = Some(store);
         self
+    }
+
+    /// Builds the store with `make` inside the runtime of the [blocking forms](Limiter::blocking),
+    /// for a limiter used from synchronous code with a store that needs a runtime (a Redis store
+    /// opens its connection on the runtime it is built in). Starts that runtime: one worker
+    /// thread, `tollgate-limiter`.
+    pub fn store_with<S: Store, E>(
+        mut self,
+        make: impl FnOnce() -> Result<S, E>,
+    ) -> Result<Self, LimitError>
+    where
+        E: std::fmt::Display,
+    {
+        let runtime = match self.runtime.take() {
+            Some(runtime) => runtime,
+            None => blocking::OwnRuntime::start()?,
+        };
+        let store = {
+            let _entered = runtime.get()?.enter();
+            make().map_err(|e| LimitError::Store(e.to_string()))?
+        };
+        self.store = Some(Arc::new(store));
+        self.runtime = Some(runtime);
+        Ok(self)
     }
 
     /// What to do when the store fails or times out (default [`OnStoreError::Local`]).
@@ -178,10 +208,15 @@ impl LimiterBuilder {
             }
         }
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        let runtime = std::sync::OnceLock::new();
+        if let Some(own) = self.runtime {
+            let _ = runtime.set(own);
+        }
         Ok(Limiter {
             inner: Arc::new(Inner {
                 store: Arc::new(GuardedStore::new(store, self.guard)),
                 limits,
+                runtime,
             }),
         })
     }
@@ -215,7 +250,14 @@ impl Limiter {
                 breaker: BreakerConfig::default(),
                 fallback_max_keys: tollgate_core::DEFAULT_MAX_KEYS,
             },
+            runtime: None,
         }
+    }
+
+    /// The blocking forms of the calls, for synchronous code with no async runtime of its own
+    /// (an SDK hook, a thread pool): see [`Blocking`].
+    pub fn blocking(&self) -> Blocking<'_> {
+        Blocking::new(self)
     }
 
     /// The quota of a limit, if there is one by that name.
