@@ -111,7 +111,10 @@ struct File {
     shadow: bool,
     #[serde(default)]
     global: Option<LimitSpec>,
+    #[serde(default)]
     rate_limits: UniqueMap<LimitSpec>,
+    #[serde(default)]
+    limits: UniqueMap<LimitSpec>,
     #[serde(default)]
     routes: Vec<RouteSpec>,
     #[serde(default)]
@@ -317,6 +320,9 @@ pub struct Config {
     pub on_error: OnStoreError,
     /// The store call timeout.
     pub timeout: Duration,
+    /// The named limits of the plain [`Limiter`](crate::limiter::Limiter) (the `limits:`
+    /// section), in the file's order of names.
+    pub limits: Vec<(String, Quota)>,
 }
 
 /// Finds the line of a dotted field path in YAML text, for errors found after parsing: each path
@@ -644,8 +650,21 @@ impl Config {
                     })?;
             policy = policy.headers(mode);
         }
-        if parsed.rate_limits.is_empty() {
-            return Err(ctx.error(&["rate_limits"], "at least one tier is needed"));
+        if parsed.rate_limits.is_empty() && parsed.limits.is_empty() {
+            return Err(ctx.error(
+                &["rate_limits"],
+                "at least one tier (rate_limits) or one limit (limits) is needed",
+            ));
+        }
+        let mut limits = Vec::with_capacity(parsed.limits.len());
+        for (name, spec) in parsed.limits.iter() {
+            if name.is_empty() || name.contains(['{', '}']) {
+                return Err(ctx.error(
+                    &["limits"],
+                    format!("invalid limit name `{name}`: it must be non-empty, without {{ or }}"),
+                ));
+            }
+            limits.push((name.clone(), ctx.quota(&["limits", name], spec)?));
         }
         let mut tier_limits = Vec::with_capacity(parsed.rate_limits.len());
         for (name, spec) in parsed.rate_limits.iter() {
@@ -707,7 +726,7 @@ impl Config {
             .anonymous_tier
             .clone()
             .unwrap_or_else(|| "anonymous".to_owned());
-        if !parsed.rate_limits.contains_key(&anonymous) {
+        if !parsed.rate_limits.is_empty() && !parsed.rate_limits.contains_key(&anonymous) {
             return Err(ctx.error(
                 &["rate_limits"],
                 format!("tier `{anonymous}` is needed for callers without an API key"),
@@ -841,6 +860,7 @@ impl Config {
             store,
             on_error,
             timeout,
+            limits,
         })
     }
 }
@@ -880,31 +900,21 @@ impl Config {
     /// application starts even while Redis is down; the failure policy covers the meantime), so
     /// this must run inside a Tokio runtime. Needs the `redis` feature for a Redis store.
     pub fn layer(&self) -> Result<crate::inbound::RateLimitLayer<ApiKeys>, ConfigError> {
+        if self.policy.tier(&self.keys.anonymous_tier()).is_none() {
+            return Err(ConfigError {
+                file: PathBuf::new(),
+                line: None,
+                field: Some("rate_limits".to_owned()),
+                message: "the configuration has no tiers for the inbound layer".to_owned(),
+            });
+        }
         let builder =
             crate::inbound::RateLimitLayer::builder(self.policy.clone(), self.keys.clone())
                 .on_store_error(self.on_error)
                 .timeout(self.timeout);
-        let builder = match &self.store {
-            StoreConfig::Memory => builder,
-            #[cfg(feature = "redis")]
-            StoreConfig::Redis { url, prefix } => {
-                builder.store(self.redis(
-                    tollgate_redis::RedisStore::builder(url.clone()).prefix(prefix.clone()),
-                )?)
-            }
-            #[cfg(feature = "redis")]
-            StoreConfig::Cluster { nodes, prefix } => builder.store(self.redis(
-                tollgate_redis::RedisStore::cluster_builder(nodes.clone()).prefix(prefix.clone()),
-            )?),
-            #[cfg(not(feature = "redis"))]
-            StoreConfig::Redis { .. } | StoreConfig::Cluster { .. } => {
-                return Err(ConfigError {
-                    file: PathBuf::new(),
-                    line: None,
-                    field: Some("store".to_owned()),
-                    message: "a Redis store needs tollgate's `redis` feature".to_owned(),
-                });
-            }
+        let builder = match self.shared_store()? {
+            Some(store) => builder.shared_store(store),
+            None => builder,
         };
         // Everything `build` checks was checked against the file already; a mistake here is in a
         // configuration changed after loading.
@@ -914,6 +924,61 @@ impl Config {
             field: None,
             message: e.to_string(),
         })
+    }
+
+    /// Builds the plain [`Limiter`](crate::limiter::Limiter) of the `limits:` section over the
+    /// file's store, with its failure policy and timeout. A Redis store connects lazily, so this
+    /// must run inside a Tokio runtime (for synchronous code, build the limiter yourself with
+    /// [`LimiterBuilder::store_with`](crate::limiter::LimiterBuilder::store_with)).
+    pub fn limiter(&self) -> Result<crate::limiter::Limiter, ConfigError> {
+        let error = |message: String| ConfigError {
+            file: PathBuf::new(),
+            line: None,
+            field: Some("limits".to_owned()),
+            message,
+        };
+        if self.limits.is_empty() {
+            return Err(error(
+                "the configuration has no `limits:` section".to_owned(),
+            ));
+        }
+        let builder = self
+            .limits
+            .iter()
+            .fold(crate::limiter::Limiter::builder(), |b, (name, quota)| {
+                b.limit(name, *quota)
+            })
+            .on_store_error(self.on_error)
+            .timeout(self.timeout);
+        let builder = match self.shared_store()? {
+            Some(store) => builder.shared_store(store),
+            None => builder,
+        };
+        builder.build().map_err(|e| error(e.to_string()))
+    }
+
+    /// The configured store, built; `None` for this process's memory (the builders' default).
+    fn shared_store(
+        &self,
+    ) -> Result<Option<std::sync::Arc<dyn tollgate_core::DynStore>>, ConfigError> {
+        match &self.store {
+            StoreConfig::Memory => Ok(None),
+            #[cfg(feature = "redis")]
+            StoreConfig::Redis { url, prefix } => Ok(Some(std::sync::Arc::new(self.redis(
+                tollgate_redis::RedisStore::builder(url.clone()).prefix(prefix.clone()),
+            )?))),
+            #[cfg(feature = "redis")]
+            StoreConfig::Cluster { nodes, prefix } => Ok(Some(std::sync::Arc::new(self.redis(
+                tollgate_redis::RedisStore::cluster_builder(nodes.clone()).prefix(prefix.clone()),
+            )?))),
+            #[cfg(not(feature = "redis"))]
+            StoreConfig::Redis { .. } | StoreConfig::Cluster { .. } => Err(ConfigError {
+                file: PathBuf::new(),
+                line: None,
+                field: Some("store".to_owned()),
+                message: "a Redis store needs tollgate's `redis` feature".to_owned(),
+            }),
+        }
     }
 
     #[cfg(feature = "redis")]
@@ -1083,6 +1148,41 @@ trusted_proxies: ["127.0.0.1/32"]
             "rate_limits:\n  a:\n    requests_per_hour: 1\n    burst_limit: 2\n    requests_per_hour: 3\n",
         );
         assert_eq!(e.line, Some(5), "{e}");
+    }
+
+    #[test]
+    fn the_limits_section_builds_a_limiter() {
+        let text = "limits:\n  slack:   { requests_per_second: 1, burst_limit: 20 }\n  webhook: { requests_per_second: 100, burst_limit: 10 }\n  events:  { limit: 30, window: 1m, algorithm: fixed_window }\n";
+        let c = Config::parse(text, "limits.yaml").expect("a limits-only file loads");
+        let names: Vec<&str> = c.limits.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["events", "slack", "webhook"]);
+        let limiter = c.limiter().expect("a limiter");
+        assert_eq!(limiter.quota("slack").map(Quota::limit), Some(20));
+        assert_eq!(
+            limiter.quota("events").map(Quota::algorithm),
+            Some(Algorithm::FixedWindow)
+        );
+        // No tiers: the inbound layer cannot be built from it, and says why.
+        let e = c.layer().expect_err("no tiers");
+        assert!(e.to_string().contains("no tiers"), "{e}");
+        // The same file:line:field errors as the tiers.
+        let e = err(&text.replace("burst_limit: 10", "burst_limit: 0"));
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(3), Some("limits.webhook.burst_limit")),
+            "{e}"
+        );
+        let e = err(&format!("{text}  slack: {{ requests_per_second: 2 }}\n"));
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.message.contains("`slack` is given twice"), "{e}");
+        let e = err("limits:\n  \"{x}\": { requests_per_second: 1 }\n");
+        assert!(e.message.contains("invalid limit name"), "{e}");
+        // Neither tiers nor limits: nothing to enforce.
+        let e = err("headers: both\n");
+        assert!(e.message.contains("at least one tier"), "{e}");
+        // A file with tiers has no limiter unless it has limits.
+        let tiers = Config::parse(GOOD, "limits.yaml").expect("loads");
+        assert!(tiers.limiter().is_err());
     }
 
     #[test]

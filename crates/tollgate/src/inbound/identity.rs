@@ -393,6 +393,11 @@ impl ApiKeys {
         *self.table.write().unwrap_or_else(PoisonError::into_inner) = next;
     }
 
+    /// The tier of callers without a key.
+    pub fn anonymous_tier(&self) -> Arc<str> {
+        Arc::clone(&self.current().anonymous.tier)
+    }
+
     fn current(&self) -> Arc<KeyTable> {
         Arc::clone(&self.table.read().unwrap_or_else(PoisonError::into_inner))
     }
