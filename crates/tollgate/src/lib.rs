@@ -1,17 +1,19 @@
-//! tollgate: rate limiting for HTTP traffic in both directions.
+//! tollgate: rate limiting for HTTP traffic in both directions, and for any other work.
 //!
-//! This crate grows into the tower layers (inbound for axum / hyper servers, outbound for
-//! `reqwest` and other clients). What is here so far are the building blocks those layers are made
-//! of, each usable on its own:
-//!
-//! * [`headers`]: the IETF `RateLimit` / `RateLimit-Policy` headers, the legacy `X-RateLimit-*`
-//!   ones and `Retry-After`, plus the `application/problem+json` body of a 429;
-//! * [`client_ip`]: the client address of a request, believing `X-Forwarded-For` / `Forwarded`
-//!   only from trusted proxies, and bounded keys;
-//! * [`breaker`]: the circuit breaker that puts a failing store aside.
+//! * [`inbound`]: the tower layer for axum / hyper servers: callers keyed by API key, user or IP,
+//!   tiers, per-route costs and limits, a whole-service limit, 429 with the standard headers;
+//! * [`outbound`]: the tower layer for `reqwest` (feature `reqwest`) and other clients: calls wait
+//!   for their buckets, shared by a fleet through Redis, and slow down when the upstream says so;
+//! * [`limiter`]: the plain [`Limiter`](limiter::Limiter) for work that is not an HTTP stack
+//!   (`check`, `acquire`, `reserve`, `pause`, blocking forms), and the decision path all three
+//!   stand on (timeout, circuit breaker, failure policy);
+//! * [`config`] (feature `yaml`): the YAML configuration;
+//! * the building blocks, each usable on its own: [`headers`] (`RateLimit`, `X-RateLimit-*`,
+//!   `Retry-After`, problem+json), [`client_ip`] (the client behind trusted proxies, bounded
+//!   keys), [`breaker`] (the circuit breaker), [`metrics`] (the metric names).
 //!
 //! The algorithms and stores live in `tollgate-core` (re-exported as [`core`]) and
-//! `tollgate-redis`.
+//! `tollgate-redis` (feature `redis`, re-exported as `redis`).
 
 pub use tollgate_core as core;
 
