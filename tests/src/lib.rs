@@ -49,6 +49,12 @@ pub fn axum_tiers_bin() -> &'static Path {
     BIN.get_or_init(|| build_bin("example-axum-tiers", "axum-tiers"))
 }
 
+/// The `webhook-worker` executable, built on first use (as [`axum_tiers_bin`]).
+pub fn webhook_worker_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("example-webhook-worker", "webhook-worker"))
+}
+
 fn build_bin(package: &str, bin: &str) -> PathBuf {
     let output = Command::new(env!("CARGO"))
         .args(["build", "--quiet", "-p", package, "--bin", bin])
