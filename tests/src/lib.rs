@@ -49,6 +49,12 @@ pub fn axum_tiers_bin() -> &'static Path {
     BIN.get_or_init(|| build_bin("example-axum-tiers", "axum-tiers"))
 }
 
+/// The `limiter-burst` helper process of this package, built on first use.
+pub fn limiter_burst_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("tollgate-e2e", "limiter-burst"))
+}
+
 /// The `webhook-worker` executable, built on first use (as [`axum_tiers_bin`]).
 pub fn webhook_worker_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
