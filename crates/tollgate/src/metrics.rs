@@ -11,6 +11,7 @@
 //! | `rate_limiter_circuit_open` | gauge | `store` (1 while the breaker is open) |
 //! | `rate_limiter_wait_seconds` | histogram | `bucket` (outbound) |
 //! | `rate_limiter_upstream_limited_total` | counter | `bucket` (outbound: upstream 429/503) |
+//! | `rate_limiter_upstream_open_total` | counter | `bucket` (outbound: refused while the upstream's failure breaker is open) |
 //! | `rate_limiter_rejections_total` | counter | `limit` (the plain limiter: a `RateLimited` returned) |
 //! | `rate_limiter_misconfigured_total` | counter | `reason` = no_peer_address / unknown_tier (inbound: answered 500) |
 //! | `rate_limiter_store_compensation_errors_total` | counter | `store`, `op` = undo / cancel (a charge that could not be given back) |
@@ -33,6 +34,8 @@ pub const WAIT_SECONDS: &str = "rate_limiter_wait_seconds";
 /// Upstream 429 / 503 answers seen by outbound calls, by `bucket`.
 pub const UPSTREAM_LIMITED_TOTAL: &str = "rate_limiter_upstream_limited_total";
 
+/// Outbound calls refused because their upstream's failure breaker is open, by `bucket`.
+pub const UPSTREAM_OPEN_TOTAL: &str = "rate_limiter_upstream_open_total";
 /// [`RateLimited`](crate::limiter::RateLimited) answers of the plain limiter, by `limit`.
 pub const REJECTIONS_TOTAL: &str = "rate_limiter_rejections_total";
 /// Requests the inbound layer could not decide as the server is set up (answered 500), by

@@ -862,3 +862,77 @@ async fn a_place_that_cannot_be_given_back_is_counted() {
     .await;
     assert!(counted, "the failed give-back was not counted");
 }
+
+/// The upstream failure breaker (issue 13): three 5xx in a row open it; while open no call is sent
+/// (each fails at once with `UpstreamUnavailable`, counted); after the recovery time a call goes
+/// through again, and its success closes the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_breaker_opens_stays_open_and_half_opens() {
+    use tollgate::outbound::{UpstreamBreaker, UpstreamUnavailable};
+    let _serial = SERIAL.lock().await;
+    let snapshotter = common::snapshotter();
+    let _ = snapshotter.snapshot();
+    let upstream = Upstream::start(Box::new(|hits: &[Hit], _| {
+        if hits.len() < 3 {
+            Reply::with(StatusCode::BAD_GATEWAY, &[])
+        } else {
+            Reply::ok()
+        }
+    }))
+    .await;
+    let client = client(
+        RateLimitLayer::builder(
+            Bucket::new("flaky:api", quota(100, 100))
+                .label("flaky")
+                .fixed(),
+        )
+        .upstream_breaker(UpstreamBreaker {
+            failures: 3,
+            recovery: Duration::from_millis(500),
+        })
+        .build(),
+    );
+    let url = upstream.url("/");
+    for _ in 0..3 {
+        let reply = get(&client, &url).await.expect("a response");
+        assert_eq!(reply.status(), StatusCode::BAD_GATEWAY);
+    }
+    let opened = Instant::now();
+    for _ in 0..5 {
+        let e = get(&client, &url).await.expect_err("the breaker is open");
+        let open = e
+            .downcast_ref::<UpstreamUnavailable>()
+            .unwrap_or_else(|| panic!("not UpstreamUnavailable: {e}"));
+        assert_eq!(open.bucket, "flaky:api");
+        assert!(open.retry_after <= Duration::from_millis(500), "{open:?}");
+    }
+    assert_eq!(upstream.hits().len(), 3, "nothing sent while open");
+    tokio::time::sleep(Duration::from_millis(550).saturating_sub(opened.elapsed())).await;
+    let probe = get(&client, &url).await.expect("half-open: the call goes");
+    assert_eq!(probe.status(), StatusCode::OK);
+    for _ in 0..3 {
+        assert_eq!(
+            get(&client, &url).await.expect("closed").status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(upstream.hits().len(), 7);
+    let refused: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| {
+            let key = key.key();
+            match value {
+                DebugValue::Counter(n)
+                    if key.name() == "rate_limiter_upstream_open_total"
+                        && key.labels().any(|l| l.value() == "flaky") =>
+                {
+                    Some(n)
+                }
+                _ => None,
+            }
+        })
+        .sum();
+    assert_eq!(refused, 5, "each refusal counted");
+}

@@ -43,8 +43,10 @@
 //! # }
 //! ```
 
+mod failures;
 mod upstream;
 
+pub use failures::{UpstreamBreaker, UpstreamUnavailable};
 pub use upstream::{
     MAX_PAUSE, UpstreamSignal, parse_http_date, parse_retry_after, reset_delay, signal,
 };
@@ -279,6 +281,8 @@ struct Shared {
     mode: Mode,
     retries: u32,
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
+    /// The upstream failure breaker, when on.
+    failures: Option<failures::Failures>,
 }
 
 /// Rate-limits the calls of the client services it wraps. Clones share one state.
@@ -306,6 +310,7 @@ pub struct RateLimitLayerBuilder<Sel> {
     in_flight: Option<usize>,
     timeout: Duration,
     breaker: BreakerConfig,
+    upstream_breaker: Option<UpstreamBreaker>,
 }
 
 impl<Sel> fmt::Debug for RateLimitLayerBuilder<Sel> {
@@ -327,6 +332,7 @@ impl<Sel> RateLimitLayer<Sel> {
             in_flight: None,
             timeout: DEFAULT_STORE_TIMEOUT,
             breaker: BreakerConfig::default(),
+            upstream_breaker: None,
         }
     }
 }
@@ -383,6 +389,13 @@ impl<Sel> RateLimitLayerBuilder<Sel> {
         self
     }
 
+    /// Leaves an upstream alone for a while after it failed too often in a row (off by default):
+    /// see [`UpstreamBreaker`].
+    pub fn upstream_breaker(mut self, config: UpstreamBreaker) -> Self {
+        self.upstream_breaker = Some(config);
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> RateLimitLayer<Sel> {
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
@@ -402,6 +415,7 @@ impl<Sel> RateLimitLayerBuilder<Sel> {
                 in_flight: self
                     .in_flight
                     .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+                failures: self.upstream_breaker.map(failures::Failures::new),
             }),
             select: self.select,
         }
@@ -540,6 +554,9 @@ where
             let mut ready = true; // `poll_ready` was called on `inner` before `call`
             let mut attempt = 0;
             loop {
+                if let Some(failures) = &shared.failures {
+                    failures.check(&shared.store, &buckets).await?;
+                }
                 shared.acquire(&buckets).await?;
                 let _permit = match &shared.in_flight {
                     Some(sem) => match Arc::clone(sem).try_acquire_owned() {
@@ -569,8 +586,13 @@ where
                         .await
                         .map_err(Into::into)?;
                 }
-                let response = inner.call(request).await.map_err(Into::into)?;
+                let sent = inner.call(request).await.map_err(Into::into);
                 ready = false;
+                if let Some(failures) = &shared.failures {
+                    let failed = sent.as_ref().map_or(true, |r| r.status().is_server_error());
+                    failures.record(&shared.store, &buckets, failed).await;
+                }
+                let response = sent?;
                 let refused = shared
                     .adapt(&buckets, response.status(), response.headers())
                     .await;
