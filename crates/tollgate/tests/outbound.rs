@@ -936,3 +936,67 @@ async fn the_upstream_breaker_opens_stays_open_and_half_opens() {
         .sum();
     assert_eq!(refused, 5, "each refusal counted");
 }
+
+/// The `reqwest-middleware` adapter (issue 13): `client.get(url).send()` waits for the bucket,
+/// pauses on a 429 + `Retry-After` and retries after it; a local refusal is a `RateLimited` the
+/// caller can tell from a transport failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reqwest_middleware_adapter_keeps_the_behaviour() {
+    use tollgate::outbound::RateLimitMiddleware;
+    let _serial = SERIAL.lock().await;
+    let upstream = Upstream::start(Box::new(|hits: &[Hit], _| {
+        if hits.is_empty() {
+            Reply::with(StatusCode::TOO_MANY_REQUESTS, &[("retry-after", "1")])
+        } else {
+            Reply::ok()
+        }
+    }))
+    .await;
+    let layer = RateLimitLayer::builder(Bucket::new("mw:api", quota(10, 2)).fixed())
+        .max_wait(Duration::from_secs(5))
+        .retry_limited(1)
+        .build();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(RateLimitMiddleware::new(layer))
+        .build();
+    let url = upstream.url("/");
+    let started = Instant::now();
+    let reply = client.get(&url).send().await.expect("a response");
+    assert_eq!(reply.status(), StatusCode::OK, "retried after the pause");
+    let hits = upstream.hits();
+    assert_eq!(hits.len(), 2);
+    assert!(
+        hits[1].at - hits[0].at >= Duration::from_millis(950),
+        "the retry did not wait out Retry-After: {:?}",
+        hits[1].at - hits[0].at
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    // Fail fast: a bucket of one, `reject()`.
+    let layer = RateLimitLayer::builder(Bucket::new("mw:fast", quota(1, 1)).fixed())
+        .reject()
+        .build();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(RateLimitMiddleware::new(layer))
+        .build();
+    assert!(client.get(&url).send().await.is_ok());
+    let e = client.get(&url).send().await.expect_err("refused locally");
+    let refused = match &e {
+        reqwest_middleware::Error::Middleware(e) => e.downcast_ref::<RateLimited>(),
+        reqwest_middleware::Error::Reqwest(_) => None,
+    };
+    let refused = refused.unwrap_or_else(|| panic!("not RateLimited: {e:?}"));
+    assert_eq!(refused.bucket, "mw:fast");
+    assert_eq!(upstream.hits().len(), 3, "the refused call was never sent");
+    // A transport failure stays a reqwest error.
+    let roomy = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(RateLimitMiddleware::new(
+            RateLimitLayer::builder(Bucket::new("mw:closed", quota(10, 10)).fixed()).build(),
+        ))
+        .build();
+    let closed = roomy.get("http://127.0.0.1:1/").send().await;
+    assert!(
+        matches!(closed, Err(reqwest_middleware::Error::Reqwest(_))),
+        "{closed:?}"
+    );
+}

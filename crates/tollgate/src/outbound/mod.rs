@@ -44,9 +44,13 @@
 //! ```
 
 mod failures;
+#[cfg(feature = "reqwest-middleware")]
+mod middleware;
 mod upstream;
 
 pub use failures::{UpstreamBreaker, UpstreamUnavailable};
+#[cfg(feature = "reqwest-middleware")]
+pub use middleware::RateLimitMiddleware;
 pub use upstream::{
     MAX_PAUSE, UpstreamSignal, parse_http_date, parse_retry_after, reset_delay, signal,
 };
@@ -527,6 +531,107 @@ impl Shared {
     }
 }
 
+/// One way of sending a request: the wrapped service, or the rest of a middleware chain.
+pub(crate) trait Sender<Req> {
+    type Response: OutboundResponse;
+
+    fn send(
+        &mut self,
+        request: Req,
+    ) -> impl Future<Output = Result<Self::Response, BoxError>> + Send;
+}
+
+/// The wrapped service as a [`Sender`]: made ready before every call but the first (`poll_ready`
+/// was called on it before `call`).
+struct ServiceSender<S> {
+    inner: S,
+    ready: bool,
+}
+
+impl<S, Req> Sender<Req> for ServiceSender<S>
+where
+    S: Service<Req> + Send,
+    S::Response: OutboundResponse,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    Req: Send,
+{
+    type Response = S::Response;
+
+    async fn send(&mut self, request: Req) -> Result<S::Response, BoxError> {
+        if !self.ready {
+            poll_fn(|cx| self.inner.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+        }
+        self.ready = false;
+        self.inner.call(request).await.map_err(Into::into)
+    }
+}
+
+impl Shared {
+    /// Sends `request` within its buckets: the upstream failure breaker, the wait, the cap on
+    /// calls in flight, the upstream's signals, the bounded retries of a refused call. The one
+    /// loop of the tower service and the middleware.
+    pub(crate) async fn send<Req, T>(
+        &self,
+        buckets: &[Bucket],
+        mut request: Req,
+        sender: &mut T,
+    ) -> Result<T::Response, BoxError>
+    where
+        Req: OutboundRequest,
+        T: Sender<Req>,
+    {
+        let mut attempt = 0;
+        loop {
+            if let Some(failures) = &self.failures {
+                failures.check(&self.store, buckets).await?;
+            }
+            self.acquire(buckets).await?;
+            let _permit = match &self.in_flight {
+                Some(sem) => match Arc::clone(sem).try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        let permit = Arc::clone(sem)
+                            .acquire_owned()
+                            .await
+                            .map_err(|e| -> BoxError { Box::new(e) })?;
+                        if self.paused(buckets).await {
+                            // The upstream asked for a pause while this call queued for a slot:
+                            // wait for a place after it instead of sending now.
+                            continue;
+                        }
+                        Some(permit)
+                    }
+                },
+                None => None,
+            };
+            let again = if attempt < self.retries {
+                request.try_clone()
+            } else {
+                None
+            };
+            let sent = sender.send(request).await;
+            if let Some(failures) = &self.failures {
+                let failed = sent.as_ref().map_or(true, |r| r.status().is_server_error());
+                failures.record(&self.store, buckets, failed).await;
+            }
+            let response = sent?;
+            let refused = self
+                .adapt(buckets, response.status(), response.headers())
+                .await;
+            match again {
+                Some(next) if refused => {
+                    attempt += 1;
+                    request = next;
+                }
+                _ => return Ok(response),
+            }
+        }
+    }
+}
+
 impl<S, Sel, Req> Service<Req> for RateLimit<S, Sel>
 where
     S: Service<Req> + Clone + Send + 'static,
@@ -546,64 +651,13 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         let buckets = self.select.select(&request);
         Box::pin(async move {
-            let mut request = request;
-            let mut ready = true; // `poll_ready` was called on `inner` before `call`
-            let mut attempt = 0;
-            loop {
-                if let Some(failures) = &shared.failures {
-                    failures.check(&shared.store, &buckets).await?;
-                }
-                shared.acquire(&buckets).await?;
-                let _permit = match &shared.in_flight {
-                    Some(sem) => match Arc::clone(sem).try_acquire_owned() {
-                        Ok(permit) => Some(permit),
-                        Err(_) => {
-                            let permit = Arc::clone(sem)
-                                .acquire_owned()
-                                .await
-                                .map_err(|e| -> BoxError { Box::new(e) })?;
-                            if shared.paused(&buckets).await {
-                                // The upstream asked for a pause while this call queued for a
-                                // slot: wait for a place after it instead of sending now.
-                                continue;
-                            }
-                            Some(permit)
-                        }
-                    },
-                    None => None,
-                };
-                let again = if attempt < shared.retries {
-                    request.try_clone()
-                } else {
-                    None
-                };
-                if !ready {
-                    poll_fn(|cx| inner.poll_ready(cx))
-                        .await
-                        .map_err(Into::into)?;
-                }
-                let sent = inner.call(request).await.map_err(Into::into);
-                ready = false;
-                if let Some(failures) = &shared.failures {
-                    let failed = sent.as_ref().map_or(true, |r| r.status().is_server_error());
-                    failures.record(&shared.store, &buckets, failed).await;
-                }
-                let response = sent?;
-                let refused = shared
-                    .adapt(&buckets, response.status(), response.headers())
-                    .await;
-                match again {
-                    Some(next) if refused => {
-                        attempt += 1;
-                        request = next;
-                    }
-                    _ => return Ok(response),
-                }
-            }
+            // `poll_ready` was called on `inner` before `call`.
+            let mut sender = ServiceSender { inner, ready: true };
+            shared.send(&buckets, request, &mut sender).await
         })
     }
 }
