@@ -726,6 +726,7 @@ impl<C: Clock> MemoryStore<C> {
                     key: limit.key.to_owned(),
                     before,
                     after: new.expires_at(limit.quota),
+                    charge: limit.quota.interval() * limit.cost,
                 });
                 new
             } else {
@@ -745,8 +746,15 @@ impl<C: Clock> MemoryStore<C> {
             let (hash, shard) = self.hash(&held.key);
             let mut table = lock(&self.inner.shards[shard]);
             let state = table.get(hash, &held.key).map(Cow::into_owned);
-            if let Some(restored) = algorithm::cancel(state.as_ref(), held.before, held.after) {
-                table.put(hash, &held.key, restored, held.before, self.put_at(now));
+            if let Some(restored) =
+                algorithm::cancel(state.as_ref(), held.before, held.after, held.charge)
+            {
+                // A bucket's state is its arrival time, which is also when it expires.
+                let expires = match &restored {
+                    algorithm::State::Bucket(b) => b.tat,
+                    _ => held.before,
+                };
+                table.put(hash, &held.key, restored, expires, self.put_at(now));
             }
         }
     }

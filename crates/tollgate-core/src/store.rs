@@ -169,6 +169,9 @@ pub struct Held {
     pub before: Timestamp,
     /// Its theoretical arrival time after the reservation.
     pub after: Timestamp,
+    /// What the reservation's cost took of the bucket (its interval × the cost): the most that
+    /// giving it back can return once others reserved after it.
+    pub charge: Duration,
 }
 
 /// A place held in one or more buckets, to be used after [`wait`](Reservation::wait).

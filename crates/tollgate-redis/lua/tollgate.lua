@@ -11,7 +11,8 @@
 -- then 7 values per limit: algorithm, limit, interval (µs), max_delay (µs), cost, a, b
 --   algorithm: 0 token_bucket, 1 leaky_bucket, 2 fixed_window, 3 sliding_window_log,
 --              4 sliding_window_counter
---   a, b: cancel: tat before / after the reservation; undo: what the decide call reported
+--   a, b: cancel: tat before / after the reservation (and the cost slot: its charge, µs); undo:
+--   what the decide call reported
 --
 -- Returns status, now, wait, then 8 numbers per limit: outcome, limit, remaining, reset_after,
 -- retry_after, delay, a, b; packed into one string of little-endian 64-bit integers (`packed` in
@@ -260,12 +261,22 @@ if mode == 'reserve' or mode == 'earliest' then
   return reply(0, wait, rows)
 end
 
+-- Gives a reservation back (cancel in tollgate_core::algorithm): all of it if nobody reserved
+-- after it, else its charge (the cost slot, µs) minus what was reserved since.
 if mode == 'cancel' then
   for i = 1, n do
-    local before, after = param(i, 6), param(i, 7)
+    local before, after, charge = param(i, 6), param(i, 7), param(i, 5)
     local st = read_state(KEYS[i], 'b')
-    if st and st[1] == after then
-      write_state(KEYS[i], 'b:' .. fmt(before), before, now)
+    if st then
+      local tat = st[1]
+      if tat == after then
+        write_state(KEYS[i], 'b:' .. fmt(before), before, now)
+      elseif tat > after then
+        local give = charge - (tat - after)
+        if give > 0 then
+          write_state(KEYS[i], 'b:' .. fmt(tat - give), tat - give, now)
+        end
+      end
     end
   end
   return reply(0, 0, {})

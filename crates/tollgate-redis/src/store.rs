@@ -273,6 +273,9 @@ impl RedisStoreBuilder {
 struct Item<'a> {
     key: String,
     limit: &'a Limit<'a>,
+    /// The cost the script is given: the limit's, or for a give-back, the reservation's charge
+    /// in µs.
+    cost: u64,
     a: u64,
     b: u64,
 }
@@ -569,7 +572,7 @@ impl RedisStore {
                 .arg(q.limit())
                 .arg(q.interval_micros())
                 .arg(q.max_delay_micros())
-                .arg(item.limit.cost)
+                .arg(item.cost)
                 .arg(item.a)
                 .arg(item.b);
         }
@@ -601,6 +604,7 @@ impl RedisStore {
             .map(|limit| Item {
                 key: self.redis_key(limit.key),
                 limit,
+                cost: u64::from(limit.cost),
                 a: 0,
                 b: 0,
             })
@@ -630,6 +634,7 @@ impl RedisStore {
             .map(|&i| Item {
                 key: items[i].key.clone(),
                 limit: items[i].limit,
+                cost: items[i].cost,
                 a: items[i].a,
                 b: items[i].b,
             })
@@ -718,6 +723,7 @@ impl RedisStore {
                     Item {
                         key: item.key.clone(),
                         limit: item.limit,
+                        cost: item.cost,
                         // A log's members are named after their index in the call that added them.
                         a: if log { i as u64 + 1 } else { row.a },
                         b: row.b,
@@ -843,6 +849,7 @@ impl RedisStore {
                         key: item.limit.key.to_owned(),
                         before: Timestamp::from_micros(row.a),
                         after: Timestamp::from_micros(row.b),
+                        charge: item.limit.quota.interval() * item.limit.cost,
                     })
                     .collect();
                 Reserve::Granted(Reservation::new(wait, held))
@@ -862,13 +869,15 @@ impl RedisStore {
         if held.is_empty() {
             return Ok(());
         }
-        // The cancel script reads only the keys and the before/after times.
+        // The cancel script reads only the keys, the before/after times and the charge (given
+        // as the cost, in µs).
         let quota = Quota::per_second(1).map_err(|e| protocol(e.to_string()))?;
         let limits: Vec<Limit<'_>> = held.iter().map(|h| Limit::new(&h.key, &quota, 0)).collect();
         let mut items = self.items(&limits);
         for (item, h) in items.iter_mut().zip(held) {
             item.a = h.before.as_micros();
             item.b = h.after.as_micros();
+            item.cost = micros(h.charge);
         }
         let id = self.inner.ids.next();
         let budget = Budget::unguarded(self.deadline());

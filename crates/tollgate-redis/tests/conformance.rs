@@ -231,6 +231,35 @@ async fn suite<S: Store>(store: &S, ns: &str) {
             .await,
         Ok(Reserve::Never)
     ));
+    // Given back in part: a reservation of 3 with one of 1 behind it gives back 2 (its tokens
+    // minus those reserved after it), so the next unit goes 2 s earlier than it would have.
+    let q5 = Quota::per_second(1).unwrap().with_burst(2).unwrap();
+    let part = format!("{{{ns}}}:partial");
+    let l5 = |cost| [Limit::new(&part, &q5, cost)];
+    let Ok(Reserve::Granted(_now)) = store.reserve(&l5(2), Duration::from_secs(60)).await else {
+        panic!("the burst at once")
+    };
+    let Ok(Reserve::Granted(big)) = store.reserve(&l5(2), Duration::from_secs(60)).await else {
+        panic!("two more within a minute")
+    };
+    assert!(close(big.wait(), Duration::from_secs(2), tol), "{big:?}");
+    let Ok(Reserve::Granted(small)) = store.reserve(&l5(1), Duration::from_secs(60)).await else {
+        panic!("one more")
+    };
+    assert!(
+        close(small.wait(), Duration::from_secs(3), tol),
+        "{small:?}"
+    );
+    store.cancel(&big).await.expect("cancel");
+    let Ok(Reserve::Granted(next)) = store.reserve(&l5(1), Duration::from_secs(60)).await else {
+        panic!("granted")
+    };
+    // Without the give-back: 4 s; the whole of it back (unsound, `small` holds 3 s): 2 s.
+    assert!(
+        close(next.wait(), Duration::from_secs(3), tol),
+        "{next:?}: expected the 1 s that `small` did not take to come back"
+    );
+
     // Across slots: one departure time for both buckets.
     let slow_key = format!("{ns}-slow");
     let both = [Limit::new(&api, &q, 1), Limit::new(&slow_key, &q, 1)];

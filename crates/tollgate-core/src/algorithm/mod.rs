@@ -253,17 +253,35 @@ pub fn reserve_at(state: Option<&State>, at: Timestamp, quota: &Quota, cost: u32
     }))
 }
 
-/// Gives a reservation back: if the bucket still stands where the reservation left it (`after`,
-/// nobody reserved since), it returns to `before`. Otherwise later reservations were computed with
-/// this one in place, and the state is kept (giving it back then could let two requests share one
-/// slot).
-pub fn cancel(state: Option<&State>, before: Timestamp, after: Timestamp) -> Option<State> {
-    match state {
-        Some(State::Bucket(s)) if s.tat == after => {
-            Some(State::Bucket(BucketState { tat: before }))
-        }
-        _ => None,
+/// Gives a reservation back, as much of it as is sound.
+///
+/// If the bucket still stands where the reservation left it (`after`: nobody reserved since), it
+/// returns to `before`. If others reserved after it, their places were computed with this one in
+/// line and they keep them; what they took since (`tat - after`) is not given back, the rest of
+/// this reservation's `charge` is (the rule of `golang.org/x/time/rate`: its tokens minus those
+/// reserved after it). The bucket then never holds more room than it would have had without this
+/// reservation, so no later request is admitted that the model without it would refuse. A
+/// bucket that stands below `after` (someone else gave back) is left as it is.
+pub fn cancel(
+    state: Option<&State>,
+    before: Timestamp,
+    after: Timestamp,
+    charge: std::time::Duration,
+) -> Option<State> {
+    let Some(State::Bucket(s)) = state else {
+        return None;
+    };
+    if s.tat == after {
+        return Some(State::Bucket(BucketState { tat: before }));
     }
+    let since = s.tat.as_micros().checked_sub(after.as_micros())?;
+    let charge = u64::try_from(charge.as_micros()).unwrap_or(u64::MAX);
+    let give = charge.saturating_sub(since);
+    (give > 0).then(|| {
+        State::Bucket(BucketState {
+            tat: Timestamp::from_micros(s.tat.as_micros() - give),
+        })
+    })
 }
 
 /// Pauses a bucket until `until`: nothing passes before then, and from then on it refills from

@@ -185,14 +185,29 @@ fn reserve_and_cancel_a_bucket() {
     assert_eq!(t, at(S));
     let held = reserve_at(Some(&s), t, &q, 1).unwrap();
     assert_eq!(held.expires_at(&q), at(2 * S));
+    let charge = Duration::from_secs(1);
     // Nobody reserved after: giving it back restores the bucket.
     assert_eq!(
-        cancel(Some(&held), s.expires_at(&q), at(2 * S)),
+        cancel(Some(&held), s.expires_at(&q), at(2 * S), charge),
         Some(s.clone())
     );
-    // Somebody did: the state is kept.
+    // Somebody did, as much as it took: the state is kept.
     let later = reserve_at(Some(&held), at(2 * S), &q, 1).unwrap();
-    assert_eq!(cancel(Some(&later), s.expires_at(&q), at(2 * S)), None);
+    assert_eq!(
+        cancel(Some(&later), s.expires_at(&q), at(2 * S), charge),
+        None
+    );
+    // A reservation of 3 with one of 1 after it gives 2 back (its tokens minus those reserved
+    // after it).
+    let roomy = Quota::per_second(1).unwrap().with_burst(5).unwrap();
+    let big = reserve_at(None, at(0), &roomy, 3).unwrap(); // tat 3 s
+    let small = reserve_at(Some(&big), at(0), &roomy, 1).unwrap(); // tat 4 s
+    assert_eq!(
+        cancel(Some(&small), at(0), at(3 * S), Duration::from_secs(3)),
+        Some(State::Bucket(BucketState { tat: at(2 * S) }))
+    );
+    // A bucket below where the reservation left it is left alone.
+    assert_eq!(cancel(Some(&s), at(0), at(2 * S), charge), None);
     assert_eq!(earliest(Some(&s), at(0), &q, 2), Earliest::Never);
     let window = Quota::fixed_window(1, Duration::from_secs(10)).unwrap();
     assert_eq!(reserve_at(None, at(0), &window, 1), None);
