@@ -37,7 +37,7 @@
 //!
 //! Zero or negative rates, a `burst_limit` of 0, unknown keys, a key given twice (a tier, an API
 //! key, a field), an unknown tier in `api_keys`, an empty API key, a route `cost` that no tier can
-//! hold, a `timeout_ms` over [`MAX_STORE_TIMEOUT`](crate::inbound::MAX_STORE_TIMEOUT), a `store`
+//! hold, a `timeout_ms` over [`MAX_STORE_TIMEOUT`](crate::limiter::MAX_STORE_TIMEOUT), a `store`
 //! that is neither `memory` nor `{ redis: ... }`, and a bad duration are errors naming the file,
 //! the line and the field.
 //!
@@ -798,7 +798,7 @@ impl Config {
             StoreSpec::Default | StoreSpec::Memory => (
                 StoreConfig::Memory,
                 OnStoreError::default(),
-                crate::inbound::DEFAULT_STORE_TIMEOUT,
+                crate::limiter::DEFAULT_STORE_TIMEOUT,
             ),
             StoreSpec::Redis(redis) => {
                 let prefix = redis
@@ -838,18 +838,18 @@ impl Config {
                             "the timeout must be at least 1 ms",
                         ));
                     }
-                    Some(ms) if Duration::from_millis(ms) > crate::inbound::MAX_STORE_TIMEOUT => {
+                    Some(ms) if Duration::from_millis(ms) > crate::limiter::MAX_STORE_TIMEOUT => {
                         return Err(ctx.error(
                             &["store", "redis", "timeout_ms"],
                             format!(
                                 "{ms} ms is too long: at most {} ms (a store call adds this much \
                                  latency to a request before the failure policy answers)",
-                                crate::inbound::MAX_STORE_TIMEOUT.as_millis()
+                                crate::limiter::MAX_STORE_TIMEOUT.as_millis()
                             ),
                         ));
                     }
                     Some(ms) => Duration::from_millis(ms),
-                    None => crate::inbound::DEFAULT_STORE_TIMEOUT,
+                    None => crate::limiter::DEFAULT_STORE_TIMEOUT,
                 };
                 (store, on_error, timeout)
             }

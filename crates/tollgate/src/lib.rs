@@ -4,7 +4,7 @@
 //!   tiers, per-route costs and limits, a whole-service limit, 429 with the standard headers;
 //! * [`outbound`]: the tower layer for `reqwest` (feature `reqwest`) and other clients: calls wait
 //!   for their buckets, shared by a fleet through Redis, and slow down when the upstream says so;
-//! * [`limiter`]: the plain [`Limiter`](limiter::Limiter) for work that is not an HTTP stack
+//! * [`limiter`]: the plain [`Limiter`] for work that is not an HTTP stack
 //!   (`check`, `acquire`, `reserve`, `pause`, blocking forms), and the decision path all three
 //!   stand on (timeout, circuit breaker, failure policy);
 //! * [`config`] (feature `yaml`): the YAML configuration;
@@ -16,6 +16,8 @@
 //! `tollgate-redis` (feature `redis`, re-exported as `redis`).
 
 pub use tollgate_core as core;
+
+pub use limiter::Limiter;
 
 pub mod body;
 pub mod breaker;

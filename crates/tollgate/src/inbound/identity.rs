@@ -7,7 +7,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use http::{HeaderName, Request, header};
 
-use super::layer::BuildError;
+use super::error::BuildError;
 use crate::client_ip::{
     DEFAULT_V6_PREFIX, MAX_KEY_LEN, TrustedProxies, bounded_key, client_ip, push_ip_key,
 };

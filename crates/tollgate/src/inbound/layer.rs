@@ -7,44 +7,17 @@ use tollgate_core::{DynStore, MemoryStore, Store};
 use tower_layer::Layer;
 
 use super::engine::Shared;
+use super::error::BuildError;
 use super::identity::{ApiKeys, ClientIp, Global, HeaderValueKey};
 use super::policy::{Policy, PolicyHandle};
 use super::service::RateLimit;
 use crate::breaker::BreakerConfig;
 use crate::denied::DeniedCache;
-use crate::limiter::OnStoreError;
 use crate::limiter::guarded::{Guard, GuardedStore};
+use crate::limiter::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
 
-/// The default bound on one store call, failure policy included.
-pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
 /// The default number of denials the denied-until cache remembers.
 pub const DEFAULT_DENIED_CACHE: usize = 100_000;
-/// The longest store timeout the layer accepts; longer ones are cut to it. A rate limiter that
-/// waits minutes for its store has stopped protecting anything.
-pub const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A mistake [`RateLimitLayerBuilder::build`] finds: the layer would answer some requests wrongly
-/// on every call.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum BuildError {
-    /// The key extractor puts callers in a tier the policy does not define.
-    #[error("tier `{tier}` (of {used_by}) is not in the policy")]
-    UnknownTier {
-        /// The tier.
-        tier: String,
-        /// Who would be put in it.
-        used_by: String,
-    },
-    /// An API key that a request could never present as meant.
-    #[error("the API key of user `{user}` is invalid: {reason}")]
-    InvalidApiKey {
-        /// The key's user.
-        user: String,
-        /// Why.
-        reason: &'static str,
-    },
-}
 
 /// Rate-limits the requests of the services it wraps. `Clone`; every clone and every service it
 /// makes share one state.

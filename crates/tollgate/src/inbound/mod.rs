@@ -52,22 +52,21 @@
 //! else in the response future.
 
 mod engine;
+mod error;
 mod future;
 mod identity;
 mod layer;
 mod policy;
 mod service;
 
-pub use crate::limiter::OnStoreError;
+pub use crate::limiter::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
 pub use engine::RateLimitDecision;
+pub use error::BuildError;
 pub use future::ResponseFuture;
 pub use identity::{
     ApiKeyEntry, ApiKeys, ClientIp, Global, HeaderValueKey, Identity, KeyExtractor, PeerAddr,
     Rejection, peer_ip,
 };
-pub use layer::{
-    BuildError, DEFAULT_DENIED_CACHE, DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, RateLimitLayer,
-    RateLimitLayerBuilder,
-};
+pub use layer::{DEFAULT_DENIED_CACHE, RateLimitLayer, RateLimitLayerBuilder};
 pub use policy::{PathPattern, Policy, PolicyBuilder, PolicyError, PolicyHandle, Route};
 pub use service::RateLimit;

@@ -15,6 +15,14 @@ use tollgate_core::{
 use crate::breaker::{Admission, BreakerConfig, CircuitBreaker};
 use crate::metrics as m;
 
+/// The default bound on one store call, failure policy included (the inbound layer's and the
+/// [`Limiter`](super::Limiter)'s).
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The longest store timeout accepted; longer ones are cut to it. A rate limiter that waits
+/// minutes for its store has stopped protecting anything.
+pub const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a front end does when its store fails or times out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnStoreError {

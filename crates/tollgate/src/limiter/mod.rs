@@ -69,7 +69,7 @@ mod error;
 
 pub use blocking::{Blocking, BlockingRequest};
 pub use error::{LimitError, RateLimited};
-pub use guarded::OnStoreError;
+pub use guarded::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -180,10 +180,10 @@ impl LimiterBuilder {
     }
 
     /// The longest one store call may take before the failure policy answers (default 50 ms, at
-    /// most [`MAX_STORE_TIMEOUT`](crate::inbound::MAX_STORE_TIMEOUT)). Give a Redis store the
+    /// most [`MAX_STORE_TIMEOUT`]). Give a Redis store the
     /// same timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.guard.timeout = timeout.min(crate::inbound::MAX_STORE_TIMEOUT);
+        self.guard.timeout = timeout.min(MAX_STORE_TIMEOUT);
         self
     }
 
@@ -246,7 +246,7 @@ impl Limiter {
             store: None,
             guard: Guard {
                 on_error: OnStoreError::default(),
-                timeout: crate::inbound::DEFAULT_STORE_TIMEOUT,
+                timeout: DEFAULT_STORE_TIMEOUT,
                 breaker: BreakerConfig::default(),
                 fallback_max_keys: tollgate_core::DEFAULT_MAX_KEYS,
             },

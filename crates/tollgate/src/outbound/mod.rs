@@ -380,9 +380,9 @@ impl<Sel> RateLimitLayerBuilder<Sel> {
 
     /// The longest one store call may take before the call decides in this process's memory
     /// instead (default [`DEFAULT_STORE_TIMEOUT`], at most
-    /// [`MAX_STORE_TIMEOUT`](crate::inbound::MAX_STORE_TIMEOUT)).
+    /// [`MAX_STORE_TIMEOUT`](crate::limiter::MAX_STORE_TIMEOUT)).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout.min(crate::inbound::MAX_STORE_TIMEOUT);
+        self.timeout = timeout.min(crate::limiter::MAX_STORE_TIMEOUT);
         self
     }
 
