@@ -245,3 +245,26 @@ pub const WEEKDAYS: [&str; 7] = [
 pub const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
+
+/// The sum of the counters `name` whose labels include every one of `labels`, counted since the
+/// last snapshot of this binary's recorder (`snapshotter` installs it): a snapshot drains every
+/// metric, so tests reading metrics take turns.
+pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+    use metrics_util::debugging::DebugValue;
+    snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| {
+            let key = key.key();
+            let matches = key.name() == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v));
+            match value {
+                DebugValue::Counter(n) if matches => Some(n),
+                _ => None,
+            }
+        })
+        .sum()
+}
