@@ -149,25 +149,17 @@ impl GuardedStore {
     }
 
     /// Reserves a place for `limits` within `max_wait`, guarded like [`decide`](Self::decide).
-    /// A place reserved in the fallback is given back to the fallback ([`cancel`](Self::cancel)).
-    pub(crate) async fn reserve(&self, limits: &[Limit<'_>], max_wait: Duration) -> Guarded<Held> {
-        match self
-            .call(self.store.reserve_boxed(limits, max_wait), |fallback| {
-                fallback.reserve_now(limits, max_wait)
-            })
-            .await
-        {
-            Guarded::Store(reserve) => Guarded::Store(Held {
-                reserve,
-                local: false,
-            }),
-            Guarded::Local(reserve) => Guarded::Local(Held {
-                reserve,
-                local: true,
-            }),
-            Guarded::Open => Guarded::Open,
-            Guarded::Closed => Guarded::Closed,
-        }
+    /// A place reserved in the fallback ([`Guarded::Local`]) is given back to the fallback
+    /// ([`cancel`](Self::cancel) with `local`).
+    pub(crate) async fn reserve(
+        &self,
+        limits: &[Limit<'_>],
+        max_wait: Duration,
+    ) -> Guarded<Reserve> {
+        self.call(self.store.reserve_boxed(limits, max_wait), |fallback| {
+            fallback.reserve_now(limits, max_wait)
+        })
+        .await
     }
 
     /// What `limits` would say now, without charging (a store failure asks the fallback).
@@ -273,11 +265,4 @@ impl GuardedStore {
             0.0
         });
     }
-}
-
-/// A reservation's answer and where it was taken (the store, or the local fallback).
-#[derive(Debug)]
-pub(crate) struct Held {
-    pub(crate) reserve: Reserve,
-    pub(crate) local: bool,
 }

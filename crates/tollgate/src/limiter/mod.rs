@@ -80,7 +80,7 @@ use tollgate_core::{Decision, DynStore, Limit, MemoryStore, Quota, Reserve, Stor
 use crate::breaker::BreakerConfig;
 use crate::client_ip::bounded_key;
 use crate::metrics as m;
-use guarded::{Guard, Guarded, GuardedStore, Held};
+use guarded::{Guard, Guarded, GuardedStore};
 use wait::{Place, Refused};
 
 /// The longest identity accepted, in bytes; longer ones are refused ([`LimitError::InvalidIdentity`]).
@@ -283,6 +283,9 @@ impl Limiter {
     /// Waits up to `max_wait` for `identity`'s turn under `limit`. When the wait would be longer,
     /// fails at once with [`RateLimited`], consuming nothing; dropping the future while it waits
     /// gives its place back.
+    ///
+    /// The [`Grant`]'s figures are read back from the store after the wait (one store call more
+    /// than [`reserve`](Self::reserve) followed by [`Reserved::wait`], which reports none).
     pub async fn acquire(
         &self,
         limit: &str,
@@ -463,9 +466,8 @@ impl Request<'_> {
         let limits = as_limits(&keys, self.cost);
         let store = &self.limiter.inner.store;
         let (reserve, local) = match store.reserve(&limits, max_wait).await {
-            Guarded::Store(Held { reserve, local }) | Guarded::Local(Held { reserve, local }) => {
-                (reserve, local)
-            }
+            Guarded::Store(reserve) => (reserve, false),
+            Guarded::Local(reserve) => (reserve, true),
             Guarded::Open => {
                 return Ok(Reserved {
                     place: None,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tollgate_core::{Limit, Quota, Reservation, Reserve};
 
-use super::guarded::{Guarded, GuardedStore, Held};
+use super::guarded::{Guarded, GuardedStore};
 
 /// Why a wait ended without a place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,9 +35,8 @@ pub(crate) async fn acquire(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let (reserve, local) = match store.reserve(limits, left).await {
-            Guarded::Store(Held { reserve, local }) | Guarded::Local(Held { reserve, local }) => {
-                (reserve, local)
-            }
+            Guarded::Store(reserve) => (reserve, false),
+            Guarded::Local(reserve) => (reserve, true),
             Guarded::Open => return Ok(started.elapsed()),
             Guarded::Closed => return Err(Refused::Unavailable),
         };

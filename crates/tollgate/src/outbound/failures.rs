@@ -18,7 +18,8 @@ use crate::metrics as m;
 /// bucket, the breaker opens for `recovery`: calls fail at once with [`UpstreamUnavailable`],
 /// nothing is sent, and every process sharing the store sees it open (it is a pause of a marker
 /// key next to the bucket's). After `recovery` calls go through again (half-open): the first
-/// success closes it, a failure opens it again at once.
+/// success closes it, a failure opens it again at once. While on, every call costs one store read
+/// more (the marker is peeked before the wait).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamBreaker {
     /// Consecutive failures that open it (at least 1).

@@ -334,7 +334,7 @@ impl<Sel> RateLimitLayer<Sel> {
             mode: Mode::Wait(Duration::from_secs(30)),
             retries: 0,
             in_flight: None,
-            timeout: DEFAULT_STORE_TIMEOUT,
+            timeout: DEFAULT_OUTBOUND_STORE_TIMEOUT,
             breaker: BreakerConfig::default(),
             upstream_breaker: None,
         }
@@ -343,7 +343,7 @@ impl<Sel> RateLimitLayer<Sel> {
 
 /// The default bound on one store call of the outbound layer: generous, as calls wait anyway;
 /// a Redis store's own timeout (50 ms by default) usually answers first.
-pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_OUTBOUND_STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl<Sel> RateLimitLayerBuilder<Sel> {
     /// Where the buckets live (default: this process's memory). A Redis store shares them with
@@ -379,7 +379,7 @@ impl<Sel> RateLimitLayerBuilder<Sel> {
     }
 
     /// The longest one store call may take before the call decides in this process's memory
-    /// instead (default [`DEFAULT_STORE_TIMEOUT`], at most
+    /// instead (default [`DEFAULT_OUTBOUND_STORE_TIMEOUT`], at most
     /// [`MAX_STORE_TIMEOUT`](crate::limiter::MAX_STORE_TIMEOUT)).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.min(crate::limiter::MAX_STORE_TIMEOUT);
