@@ -8,7 +8,8 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use tollgate::client_ip::{ForwardedHeader, TrustedProxies, client_ip, ip_key};
+use tollgate::http::forwarded::{ForwardedHeader, TrustedProxies, client_ip};
+use tollgate::http::key::ip_key;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {

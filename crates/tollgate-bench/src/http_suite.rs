@@ -29,7 +29,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tollgate::headers::HeaderMode;
+use tollgate::http::HeaderMode;
 use tollgate::inbound::{Global, Policy, RateLimitLayer};
 use tollgate_core::{MemoryStore, Quota};
 use tollgate_redis::RedisStore;

@@ -61,8 +61,8 @@ use http::Method;
 use serde::Deserialize;
 use tollgate_core::{Algorithm, Quota, parse_duration};
 
-use crate::client_ip::{Cidr, ForwardedHeader, TrustedProxies};
-use crate::headers::HeaderMode;
+use crate::http::forwarded::{ForwardedHeader, TrustedProxies, parse_cidr};
+use crate::http::headers::HeaderMode;
 use crate::inbound::{ApiKeyEntry, ApiKeys, ClientIp, OnStoreError, Policy, Route};
 
 /// A configuration error: which file, which line, which field, and what is wrong.
@@ -645,7 +645,7 @@ impl Config {
         if let Some(mode) = &parsed.headers {
             let mode: HeaderMode =
                 mode.parse()
-                    .map_err(|e: crate::headers::ParseHeaderModeError| {
+                    .map_err(|e: crate::http::headers::ParseHeaderModeError| {
                         ctx.error(&["headers"], e.to_string())
                     })?;
             policy = policy.headers(mode);
@@ -770,8 +770,7 @@ impl Config {
         let mut trusted = Vec::with_capacity(parsed.trusted_proxies.len());
         for cidr in &parsed.trusted_proxies {
             trusted.push(
-                cidr.parse::<Cidr>()
-                    .map_err(|e| ctx.error(&["trusted_proxies"], e.to_string()))?,
+                parse_cidr(cidr).map_err(|e| ctx.error(&["trusted_proxies"], e.to_string()))?,
             );
         }
         let header = match &parsed.client_ip_header {

@@ -8,9 +8,9 @@
 //!   (`check`, `acquire`, `reserve`, `pause`, blocking forms), and the decision path all three
 //!   stand on (timeout, circuit breaker, failure policy);
 //! * [`config`] (feature `yaml`): the YAML configuration;
-//! * the building blocks, each usable on its own: [`headers`] (`RateLimit`, `X-RateLimit-*`,
-//!   `Retry-After`, problem+json), [`client_ip`] (the client behind trusted proxies, bounded
-//!   keys), [`breaker`] (the circuit breaker), [`metrics`] (the metric names).
+//! * the building blocks, each usable on its own: [`http`] (`RateLimit`, `X-RateLimit-*`,
+//!   `Retry-After`, problem+json, the client behind trusted proxies, bounded keys), [`breaker`]
+//!   (the circuit breaker), [`metrics`] (the metric names).
 //!
 //! The algorithms and stores live in `tollgate-core` (re-exported as [`core`]) and
 //! `tollgate-redis` (feature `redis`, re-exported as `redis`).
@@ -19,13 +19,11 @@ pub use tollgate_core as core;
 
 pub use limiter::Limiter;
 
-pub mod body;
 pub mod breaker;
-pub mod client_ip;
 #[cfg(feature = "yaml")]
 pub mod config;
 mod denied;
-pub mod headers;
+pub mod http;
 pub mod inbound;
 pub mod limiter;
 pub mod metrics;

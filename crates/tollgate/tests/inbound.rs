@@ -29,9 +29,9 @@ use axum::response::IntoResponse;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
 use tokio::task::{JoinHandle, JoinSet};
-use tollgate::client_ip::TrustedProxies;
 use tollgate::core::{DynStore, MemoryStore, Quota};
-use tollgate::headers::HeaderMode;
+use tollgate::http::HeaderMode;
+use tollgate::http::TrustedProxies;
 use tollgate::inbound::{
     ApiKeyEntry, ApiKeys, ClientIp, OnStoreError, Policy, PolicyBuilder, RateLimitLayer, Route,
 };
@@ -395,7 +395,7 @@ fn too_many_requests(reply: &Reply, policy: &str) -> i64 {
     let json = reply.json();
     assert_eq!(
         json["type"].as_str(),
-        Some(tollgate::headers::PROBLEM_TYPE),
+        Some(tollgate::http::problem::PROBLEM_TYPE),
         "{json}"
     );
     assert_eq!(json["title"].as_str(), Some("Too Many Requests"), "{json}");

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use http::Method;
-use tollgate::client_ip::TrustedProxies;
 use tollgate::core::Quota;
+use tollgate::http::TrustedProxies;
 use tollgate::inbound::{ClientIp, Policy, RateLimitLayer, Route};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

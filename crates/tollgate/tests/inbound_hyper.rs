@@ -10,8 +10,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tollgate::client_ip::TrustedProxies;
 use tollgate::core::Quota;
+use tollgate::http::TrustedProxies;
 use tollgate::inbound::{ClientIp, PeerAddr, Policy, RateLimitLayer};
 use tower::{Layer, ServiceExt, service_fn};
 

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use tollgate::client_ip::TrustedProxies;
 use tollgate::core::Quota;
+use tollgate::http::TrustedProxies;
 use tollgate::inbound::{
     ApiKeyEntry, ApiKeys, BuildError, ClientIp, Global, HeaderValueKey, Policy, RateLimitLayer,
 };

@@ -10,9 +10,10 @@ use tollgate_core::{Decision, Limit, Outcome, Verdict};
 
 use super::identity::{Identity, Rejection, TIER_KEY_EXTRA};
 use super::policy::{LimitInfo, Policy, PolicyHandle, Tier};
-use crate::client_ip::fingerprint;
 use crate::denied::DeniedCache;
-use crate::headers::{self, HeaderMode};
+use crate::http::headers::{self, HeaderMode};
+use crate::http::key::fingerprint;
+use crate::http::problem;
 use crate::limiter::guarded::{Guarded, GuardedStore};
 use crate::metrics::{self as m, outcome};
 
@@ -203,7 +204,7 @@ fn problem_response(status: StatusCode, body: String) -> Response<Bytes> {
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(headers::PROBLEM_CONTENT_TYPE),
+        HeaderValue::from_static(problem::PROBLEM_CONTENT_TYPE),
     );
     response
 }
@@ -212,7 +213,7 @@ fn problem_response(status: StatusCode, body: String) -> Response<Bytes> {
 fn unauthorized(detail: &str) -> Response<Bytes> {
     let mut response = problem_response(
         StatusCode::UNAUTHORIZED,
-        headers::problem(401, "Unauthorized", detail),
+        problem::problem(401, "Unauthorized", detail),
     );
     response
         .headers_mut()
@@ -244,7 +245,7 @@ impl Shared {
             Rejection::Unauthorized { detail } => unauthorized(detail),
             Rejection::BadRequest { detail } => problem_response(
                 StatusCode::BAD_REQUEST,
-                headers::problem(400, "Bad Request", detail),
+                problem::problem(400, "Bad Request", detail),
             ),
             Rejection::Misconfigured { reason, detail } => self.misconfigured(reason, detail),
         }
@@ -264,7 +265,7 @@ impl Shared {
         }
         problem_response(
             StatusCode::INTERNAL_SERVER_ERROR,
-            headers::problem(500, "Rate Limiter Misconfigured", detail),
+            problem::problem(500, "Rate Limiter Misconfigured", detail),
         )
     }
 
@@ -379,7 +380,7 @@ impl Shared {
                         let retry = self.store.retry_after_unavailable();
                         let mut response = problem_response(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            headers::problem(
+                            problem::problem(
                                 503,
                                 "Service Unavailable",
                                 "The rate limiter cannot reach its store; try again shortly.",
@@ -456,7 +457,7 @@ impl Shared {
         );
         Next::Respond(problem_response(
             StatusCode::FORBIDDEN,
-            headers::problem(403, "Request Too Costly", &detail),
+            problem::problem(403, "Request Too Costly", &detail),
         ))
     }
 
@@ -503,7 +504,7 @@ impl Shared {
         let names: Vec<&str> = violated.iter().map(|&i| &*plan.limit(i).name).collect();
         let mut response = problem_response(
             StatusCode::TOO_MANY_REQUESTS,
-            headers::problem_json(&names, decision.retry_after),
+            problem::problem_json(&names, decision.retry_after),
         );
         plan.limit(binding).headers.insert(
             response.headers_mut(),

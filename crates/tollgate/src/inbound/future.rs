@@ -13,7 +13,7 @@ use tower_service::Service;
 use super::engine::{After, Next, Plan, Shared};
 use super::identity::{Identity, Rejection};
 use super::policy::Policy;
-use crate::body::ResponseBody;
+use crate::http::body::ResponseBody;
 
 type Decision = Pin<Box<dyn Future<Output = Next> + Send>>;
 

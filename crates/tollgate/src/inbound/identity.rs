@@ -8,9 +8,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use http::{HeaderName, Request, header};
 
 use super::error::BuildError;
-use crate::client_ip::{
-    DEFAULT_V6_PREFIX, MAX_KEY_LEN, TrustedProxies, bounded_key, client_ip, push_ip_key,
-};
+use crate::http::forwarded::{TrustedProxies, client_ip};
+use crate::http::key::{DEFAULT_V6_PREFIX, MAX_KEY_LEN, bounded_key, push_ip_key};
 
 /// The caller of a request, as the limiter sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +23,7 @@ pub struct Identity {
 
 impl Identity {
     /// An identity with `key` in `tier`. Keys longer than
-    /// [`MAX_KEY_LEN`](crate::client_ip::MAX_KEY_LEN) are replaced by their fingerprint.
+    /// [`MAX_KEY_LEN`](crate::http::key::MAX_KEY_LEN) are replaced by their fingerprint.
     pub fn new(key: &str, tier: impl Into<Arc<str>>) -> Identity {
         Identity {
             key: bounded_key(key).into_owned(),
@@ -590,7 +589,7 @@ mod tests {
         );
         let long = vec![b'x'; 65_536];
         let id = now(k.extract(&request(&[("x-user", &long)]))).unwrap();
-        assert!(id.key.len() <= crate::client_ip::MAX_KEY_LEN);
+        assert!(id.key.len() <= crate::http::key::MAX_KEY_LEN);
         let id = now(k.extract(&request(&[("x-user", b"\xff")]))).unwrap();
         assert_eq!(id.key, "header#ff");
     }

@@ -2,7 +2,7 @@
 //!
 //! ```
 //! use axum::{Router, routing::get};
-//! use tollgate::client_ip::TrustedProxies;
+//! use tollgate::http::TrustedProxies;
 //! use tollgate::core::Quota;
 //! use tollgate::inbound::{ClientIp, Policy, RateLimitLayer};
 //!

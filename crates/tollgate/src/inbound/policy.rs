@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use http::Method;
 use tollgate_core::Quota;
 
-use crate::headers::{HeaderMode, PolicyHeaders};
+use crate::http::headers::{HeaderMode, PolicyHeaders};
 use crate::metrics::TierMetrics;
 
 /// A path pattern: `/api/reports` matches that path exactly; `/api/*` matches `/api` and

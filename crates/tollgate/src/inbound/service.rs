@@ -9,7 +9,7 @@ use tower_service::Service;
 use super::engine::{Next, Shared};
 use super::future::ResponseFuture;
 use super::identity::KeyExtractor;
-use crate::body::ResponseBody;
+use crate::http::body::ResponseBody;
 
 /// Rate-limits the requests to an inner service: see the [module docs](super).
 ///

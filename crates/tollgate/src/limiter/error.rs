@@ -43,7 +43,7 @@ struct Seconds(Duration);
 impl fmt::Display for Seconds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0 >= Duration::from_secs(1) || self.0.is_zero() {
-            let secs = crate::headers::ceil_secs(self.0);
+            let secs = crate::http::headers::ceil_secs(self.0);
             write!(f, "{secs} s")
         } else {
             write!(f, "{} ms", self.0.as_micros().div_ceil(1000))

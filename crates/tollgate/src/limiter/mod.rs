@@ -78,7 +78,7 @@ use std::time::{Duration, Instant};
 use tollgate_core::{Decision, DynStore, Limit, MemoryStore, Quota, Reserve, Store, Verdict};
 
 use crate::breaker::BreakerConfig;
-use crate::client_ip::bounded_key;
+use crate::http::key::bounded_key;
 use crate::metrics as m;
 use guarded::{Guard, Guarded, GuardedStore};
 use wait::{Place, Refused};
