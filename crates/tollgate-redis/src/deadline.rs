@@ -21,9 +21,12 @@
 //! (within one network hop of the deadline). Until the first reply there is no estimate and the
 //! first call carries no deadline.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
+
+use redis::cluster_routing::Slot;
 
 /// The origin of the local clock the offset is measured against.
 static ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -91,6 +94,44 @@ impl ClockOffset {
                 Ok(_) => return,
                 Err(actual) => current = actual,
             }
+        }
+    }
+}
+
+/// The number of Redis Cluster slots.
+const SLOTS: u16 = 16_384;
+
+/// The clock offsets a store keeps: one for a standalone server; one per slot on a cluster (each
+/// node has its own clock, and a slot may move to another node).
+#[derive(Debug)]
+pub(crate) enum ClockOffsets {
+    Standalone(ClockOffset),
+    /// Every slot, filled when the store is built. redis-rs' [`Slot`] does not give out its
+    /// number, so the table is keyed by the slot itself rather than indexed.
+    Cluster(HashMap<Slot, ClockOffset>),
+}
+
+impl ClockOffsets {
+    pub(crate) fn standalone() -> ClockOffsets {
+        ClockOffsets::Standalone(ClockOffset::new())
+    }
+
+    pub(crate) fn cluster() -> ClockOffsets {
+        ClockOffsets::Cluster(
+            (0..SLOTS)
+                .filter_map(Slot::new)
+                .map(|slot| (slot, ClockOffset::new()))
+                .collect(),
+        )
+    }
+
+    /// The offset of the server holding the key `key`.
+    pub(crate) fn of(&self, key: &str) -> &ClockOffset {
+        match self {
+            ClockOffsets::Standalone(offset) => offset,
+            ClockOffsets::Cluster(slots) => slots
+                .get(&Slot::for_key(key))
+                .expect("the table holds every cluster slot"),
         }
     }
 }
@@ -168,5 +209,25 @@ mod tests {
             sent <= true_deadline && true_deadline - sent == 60,
             "{sent} {true_deadline}"
         );
+    }
+
+    #[test]
+    fn a_cluster_keeps_one_offset_per_slot() {
+        let ClockOffsets::Cluster(slots) = ClockOffsets::cluster() else {
+            panic!("a cluster table");
+        };
+        assert_eq!(slots.len(), usize::from(SLOTS));
+        let offsets = ClockOffsets::cluster();
+        let sent = Instant::now();
+        offsets
+            .of("{user1000}.following")
+            .observe(sent, sent, 5_000_000);
+        // The same slot (hash tag) shares the estimate; another slot has none yet.
+        assert_ne!(offsets.of("user1000").server_deadline(sent), 0);
+        assert_eq!(offsets.of("foo").server_deadline(sent), 0);
+        // A standalone server has one offset for every key.
+        let offsets = ClockOffsets::standalone();
+        offsets.of("foo").observe(sent, sent, 5_000_000);
+        assert_ne!(offsets.of("bar").server_deadline(sent), 0);
     }
 }

@@ -121,15 +121,27 @@
 //! cluster, redis-rs also follows `MOVED` / `ASK` redirections and `TRYAGAIN` (the script had not
 //! run either), and it retries a request whose connection dropped after sending, which can charge
 //! a request twice: an error toward denial.
+//!
+//! # Source layout
+//!
+//! For readers of the code, one job per file: `store.rs` holds [`RedisStore`] and its builder;
+//! `protocol.rs` the wire codec of one script call (the `KEYS` and `ARGV` it sends, the packed
+//! reply it reads and checks); `cluster.rs` the cross-slot protocol (limits grouped by redis-rs'
+//! own slot function, the one its cluster client routes with; undo; one departure time across
+//! slots); `deadline.rs` the call deadlines on the server's clock; `script.rs` the Lua script,
+//! joined from the files of `lua/`.
 
+mod cluster;
 mod deadline;
+mod protocol;
 mod script;
-mod slot;
 mod store;
 
+#[doc(hidden)]
+pub use protocol::decode_reply;
 pub use store::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder,
-    RedisStoreError, decode_reply,
+    RedisStoreError,
 };
 
 /// The Lua source of the script, for inspection (`redis-benchmark` runs it in `tollgate-bench`).

@@ -9,7 +9,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::ManualClock;
+use crate::algorithm::{self, State};
+use crate::{Decision, ManualClock};
 
 const T0: Timestamp = Timestamp::from_micros(1_795_305_600_000_000);
 

@@ -1,0 +1,428 @@
+//! The wire codec of one script call: the `KEYS` and `ARGV` a call sends (laid out as
+//! `lua/tollgate.lua` reads them) and the reply it reads back, checked value by value. A reply the
+//! client does not understand is a [`StoreError`], never a plausible decision.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionLike;
+use tollgate_core::{
+    Decision, Held, Limit, MAX_SPAN_MICROS, Outcome, Reservation, Reserve, StoreError,
+    StoreErrorKind, Timestamp,
+};
+
+use crate::deadline::ClockOffset;
+use crate::script::{Mode, SCRIPT, algorithm_code};
+use crate::store::{Connection, RedisStore};
+
+/// The status of a script call that ran after its deadline and wrote nothing (`late` in
+/// `lua/common.lua`).
+const LATE: i64 = 4;
+
+/// When a store operation must be answered by, and whether its script calls carry that deadline
+/// to the server (only the calls that charge: `decide`, `reserve`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    deadline: Instant,
+    guard: bool,
+}
+
+impl Budget {
+    pub(crate) fn guarded(deadline: Instant) -> Budget {
+        Budget {
+            deadline,
+            guard: true,
+        }
+    }
+
+    pub(crate) fn unguarded(deadline: Instant) -> Budget {
+        Budget {
+            deadline,
+            guard: false,
+        }
+    }
+}
+
+/// One limit as the script sees it.
+pub(crate) struct Item<'a> {
+    pub(crate) key: String,
+    pub(crate) limit: &'a Limit<'a>,
+    /// The cost the script is given: the limit's, or for a give-back, the reservation's charge
+    /// in µs.
+    pub(crate) cost: u64,
+    /// What an undo or a give-back tells the script about the state written before (see
+    /// `lua/tollgate.lua`); 0 otherwise.
+    pub(crate) a: u64,
+    pub(crate) b: u64,
+}
+
+/// The script's answer.
+pub(crate) struct Answer {
+    pub(crate) status: i64,
+    pub(crate) now: u64,
+    pub(crate) wait: u64,
+    pub(crate) rows: Vec<Row>,
+}
+
+/// One limit's row of the answer: its decision and its state times.
+#[derive(Clone, Copy)]
+pub(crate) struct Row {
+    pub(crate) decision: Decision,
+    pub(crate) a: u64,
+    pub(crate) b: u64,
+}
+
+/// A reply the client does not understand, or a protocol step that went wrong.
+pub(crate) fn protocol(message: String) -> StoreError {
+    StoreError::new(StoreErrorKind::Other, message)
+}
+
+pub(crate) fn map_error(e: redis::RedisError) -> StoreError {
+    let kind = if e.is_timeout() {
+        StoreErrorKind::Timeout
+    } else if e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_io_error()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::ClusterDown
+                    | redis::ServerErrorKind::MasterDown
+                    | redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::BusyLoading
+                    // A redirection the cluster client gave up following: the slot's owner could
+                    // not be reached (a node down sends the request to a random node, which
+                    // answers MOVED back to it). The script had not run.
+                    | redis::ServerErrorKind::Moved
+                    | redis::ServerErrorKind::Ask
+            ) | redis::ErrorKind::ClusterConnectionNotFound
+        )
+    {
+        StoreErrorKind::Unavailable
+    } else {
+        StoreErrorKind::Other
+    };
+    StoreError::new(kind, e)
+}
+
+/// The script's reply, `3 + 8 n` little-endian 64-bit integers in one string (see `packed` in
+/// `lua/common.lua`), as integers.
+fn unpack(reply: &[u8], n: usize) -> Result<Vec<i64>, StoreError> {
+    let expected = n
+        .checked_mul(8)
+        .and_then(|v| v.checked_add(3))
+        .and_then(|v| v.checked_mul(8));
+    if expected != Some(reply.len()) {
+        return Err(protocol(format!(
+            "unexpected script reply: {} bytes for {n} limits ({} expected)",
+            reply.len(),
+            expected.map_or_else(|| "more than can be".to_owned(), |e| e.to_string())
+        )));
+    }
+    Ok(reply
+        .chunks_exact(8)
+        .map(|b| {
+            let mut word = [0; 8];
+            word.copy_from_slice(b);
+            i64::from_le_bytes(word)
+        })
+        .collect())
+}
+
+/// A count or a time of the reply, which the script never sends negative.
+fn non_negative(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| protocol(format!("unexpected script reply: {what} is {v}")))
+}
+
+/// A limit's count or remaining, which fits a `u32` (quotas are validated for it).
+fn count(v: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| protocol(format!("unexpected script reply: {what} is {v}")))
+}
+
+/// Reads the reply's values. Anything the script never sends (an unknown status or outcome code,
+/// a negative time, a count past `u32`) is a protocol error, never a plausible decision: the
+/// failure policy decides then.
+fn parse(values: &[i64], n: usize) -> Result<Answer, StoreError> {
+    if values.len() != 3 + 8 * n {
+        return Err(protocol(format!(
+            "unexpected script reply: {} values for {n} limits",
+            values.len()
+        )));
+    }
+    let status = values[0];
+    if !(0..=LATE).contains(&status) {
+        return Err(protocol(format!(
+            "unexpected script reply: unknown status {status}"
+        )));
+    }
+    let now = non_negative(values[1], "the server time")?;
+    let wait = non_negative(values[2], "the wait")?;
+    let mut rows = Vec::with_capacity(n);
+    if status != LATE {
+        for r in values[3..].chunks_exact(8) {
+            let outcome = match r[0] {
+                0 => Outcome::Allowed,
+                1 => Outcome::Denied,
+                2 => Outcome::InsufficientCapacity,
+                code => {
+                    return Err(protocol(format!(
+                        "unexpected script reply: unknown outcome code {code}"
+                    )));
+                }
+            };
+            rows.push(Row {
+                decision: Decision {
+                    outcome,
+                    limit: count(r[1], "a limit")?,
+                    remaining: count(r[2], "the remaining count")?,
+                    reset_after: Duration::from_micros(non_negative(r[3], "reset_after")?),
+                    retry_after: Duration::from_micros(non_negative(r[4], "retry_after")?),
+                    delay: Duration::from_micros(non_negative(r[5], "a delay")?),
+                },
+                a: non_negative(r[6], "a state time")?,
+                b: non_negative(r[7], "a state time")?,
+            });
+        }
+    }
+    Ok(Answer {
+        status,
+        now,
+        wait,
+        rows,
+    })
+}
+
+/// Decodes a script reply for `n` limits, as the store does. For the fuzz targets and tests of
+/// the decoder; not part of the API.
+#[doc(hidden)]
+pub fn decode_reply(reply: &[u8], n: usize) -> Result<(), StoreError> {
+    parse(&unpack(reply, n)?, n).map(|_| ())
+}
+
+/// A duration as the script reads it: µs, capped to the longest span the algorithms handle.
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .min(MAX_SPAN_MICROS)
+}
+
+impl RedisStore {
+    /// One script call over the connection, whatever its type.
+    async fn invoke<C: ConnectionLike>(
+        conn: &mut C,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<u8>, StoreError> {
+        invocation.invoke_async(conn).await.map_err(map_error)
+    }
+
+    /// The clock offset of the server holding `items` (all in one slot).
+    fn offset(&self, items: &[Item<'_>]) -> &ClockOffset {
+        self.inner
+            .offsets
+            .of(items.first().map_or("", |item| item.key.as_str()))
+    }
+
+    /// One script call: `items` and the arguments encoded, sent within `budget`, the reply
+    /// decoded. A call the server ran after its deadline is a timeout (it wrote nothing).
+    pub(crate) async fn call(
+        &self,
+        mode: Mode,
+        items: &[Item<'_>],
+        id: &str,
+        arg4: u64,
+        floor: u64,
+        budget: Budget,
+    ) -> Result<Answer, StoreError> {
+        let mut invocation = SCRIPT.prepare_invoke();
+        for item in items {
+            invocation.key(&item.key);
+        }
+        let now = self
+            .inner
+            .clock
+            .as_ref()
+            .map_or(String::new(), |c| c.now().as_micros().to_string());
+        // A client clock (test-vector replays) is not Redis' clock: no deadline on it.
+        let offset = self.offset(items);
+        let deadline = if budget.guard && self.inner.clock.is_none() {
+            offset.server_deadline(budget.deadline)
+        } else {
+            0
+        };
+        invocation
+            .arg(mode.as_str())
+            .arg(now)
+            .arg(id)
+            .arg(arg4)
+            .arg(floor)
+            .arg(deadline);
+        for item in items {
+            let q = item.limit.quota;
+            invocation
+                .arg(algorithm_code(q.algorithm()))
+                .arg(q.limit())
+                .arg(q.interval_micros())
+                .arg(q.max_delay_micros())
+                .arg(item.cost)
+                .arg(item.a)
+                .arg(item.b);
+        }
+        let sent = Instant::now();
+        let reply = self
+            .within(budget.deadline, async {
+                match self.inner.conn.clone() {
+                    Connection::Standalone(mut c) => Self::invoke(&mut c, &invocation).await,
+                    Connection::Cluster(mut c) => Self::invoke(&mut c, &invocation).await,
+                }
+            })
+            .await?;
+        let answer = parse(&unpack(&reply, items.len())?, items.len())?;
+        if self.inner.clock.is_none() {
+            offset.observe(sent, Instant::now(), answer.now);
+        }
+        if answer.status == LATE {
+            return Err(StoreError::new(
+                StoreErrorKind::Timeout,
+                "redis ran the call after its deadline, so it wrote nothing",
+            ));
+        }
+        Ok(answer)
+    }
+
+    /// The limits as the script sees them, under their Redis keys.
+    pub(crate) fn items<'a>(&self, limits: &'a [Limit<'a>]) -> Vec<Item<'a>> {
+        limits
+            .iter()
+            .map(|limit| Item {
+                key: self.redis_key(limit.key),
+                limit,
+                cost: u64::from(limit.cost),
+                a: 0,
+                b: 0,
+            })
+            .collect()
+    }
+
+    /// Reads the answer of a `reserve` call over `items`.
+    pub(crate) fn reserve_answer(
+        &self,
+        items: &[Item<'_>],
+        answer: Answer,
+    ) -> Result<Reserve, StoreError> {
+        let wait = Duration::from_micros(answer.wait);
+        Ok(match answer.status {
+            0 => {
+                let held = items
+                    .iter()
+                    .zip(&answer.rows)
+                    .filter(|(item, _)| item.limit.quota.algorithm().is_bucket())
+                    .map(|(item, row)| Held {
+                        key: item.limit.key.to_owned(),
+                        before: Timestamp::from_micros(row.a),
+                        after: Timestamp::from_micros(row.b),
+                        charge: item.limit.quota.interval() * item.limit.cost,
+                    })
+                    .collect();
+                Reserve::Granted(Reservation::new(wait, held))
+            }
+            1 => Reserve::WouldExceed { retry_after: wait },
+            2 => Reserve::Retry { after: wait },
+            3 => Reserve::Never,
+            status => {
+                return Err(protocol(format!(
+                    "unexpected script reply: reserve status {status}"
+                )));
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed(values: &[i64]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn unpacks_the_script_reply() {
+        let values: Vec<i64> = (0..11).map(|i| i * 1_000_000_007 - 3).collect();
+        assert_eq!(unpack(&packed(&values), 1).ok(), Some(values));
+        let big = vec![0, 1_763_800_000_000_000, i64::MAX, -1, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(unpack(&packed(&big), 1).ok(), Some(big));
+    }
+
+    /// A reply of one allowed row: status, now, wait, then the row's eight values.
+    fn one_row() -> Vec<i64> {
+        vec![0, 1_000, 0, 0, 10, 9, 1_000, 0, 0, 0, 0]
+    }
+
+    #[test]
+    fn reads_a_plausible_reply() {
+        let answer = parse(&one_row(), 1).expect("a valid reply");
+        assert_eq!((answer.status, answer.now), (0, 1_000));
+        assert_eq!(answer.rows[0].decision.outcome, Outcome::Allowed);
+        assert_eq!(answer.rows[0].decision.remaining, 9);
+        // A late call has no rows to read.
+        let mut late = vec![0; 11];
+        late[0] = LATE;
+        assert!(parse(&late, 1).expect("a late reply").rows.is_empty());
+    }
+
+    #[test]
+    fn codes_it_does_not_know_are_errors_not_decisions() {
+        // (index, value): an outcome code, a status, negatives, a count past u32.
+        for (i, v) in [
+            (3, 3),
+            (3, -1),
+            (0, 5),
+            (0, -1),
+            (1, -1),
+            (2, -7),
+            (5, -1),
+            (6, -1),
+            (7, -2),
+            (8, -3),
+            (9, -4),
+            (10, -5),
+            (4, i64::from(u32::MAX) + 1),
+            (5, i64::from(u32::MAX) + 1),
+        ] {
+            let mut values = one_row();
+            values[i] = v;
+            let e = match parse(&values, 1) {
+                Ok(_) => panic!("value {v} at {i} was read as a decision"),
+                Err(e) => e,
+            };
+            assert!(e.to_string().contains("unexpected script reply"), "{e}");
+            assert!(!e.is_timeout() && !e.is_unavailable(), "{e}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any values the script can pack, for any number of limits, unpack to themselves.
+        #[test]
+        fn packed_replies_unpack_to_what_was_packed(
+            n in 0usize..8,
+            seed in proptest::collection::vec(proptest::prelude::any::<i64>(), 67),
+        ) {
+            let values = &seed[..3 + 8 * n];
+            proptest::prop_assert_eq!(unpack(&packed(values), n).ok(), Some(values.to_vec()));
+            // One byte short or long is refused.
+            let bytes = packed(values);
+            proptest::prop_assert!(unpack(&bytes[1..], n).is_err());
+            proptest::prop_assert!(unpack(&[&bytes[..], &[0]].concat(), n).is_err());
+        }
+    }
+
+    #[test]
+    fn refuses_a_reply_of_the_wrong_size() {
+        let eleven = packed(&[0; 11]);
+        for bad in [&eleven[..87], &eleven[..], &[][..]] {
+            let n = if bad.len() == 88 { 2 } else { 1 };
+            let e = unpack(bad, n).expect_err("refused");
+            assert!(e.to_string().contains("unexpected script reply"), "{e}");
+        }
+    }
+}
