@@ -42,6 +42,17 @@
 //! Every [`Decision`] carries the outcome, the limit, what remains, when the quota is whole again,
 //! when a denied request could pass, and (leaky bucket) how long to delay; a cost the quota can
 //! never hold is its own outcome, [`Outcome::InsufficientCapacity`].
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `vectors` | `tollgate_core::vectors`: the shared test vectors, parsed, so another [`Store`] can replay them |
+//!
+//! The HTTP layers, the plain limiter and the YAML configuration are in the `tollgate` crate; the
+//! Redis store is `tollgate-redis`.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod algorithm;
 mod clock;
