@@ -281,12 +281,33 @@ async fn shutdown() {
     tracing::info!("shutting down");
 }
 
+/// Installs the Prometheus recorder behind `/metrics`: the latency metrics as histograms with
+/// buckets suited to their range (`_bucket` series a fleet can aggregate), every metric
+/// described (its `# HELP` line).
+fn install_metrics() -> Result<PrometheusHandle, String> {
+    use metrics_exporter_prometheus::Matcher;
+    use tollgate::metrics as m;
+    let histograms = [
+        (m::STORE_LATENCY_SECONDS, m::STORE_LATENCY_BUCKETS),
+        (m::WAIT_SECONDS, m::WAIT_BUCKETS),
+    ];
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in histograms {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
+            .map_err(|e| format!("cannot set the buckets of {name}: {e}"))?;
+    }
+    let handle = builder
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    m::describe();
+    Ok(handle)
+}
+
 async fn run() -> Result<(), String> {
     let args = parse_args(std::env::args().skip(1))?;
     let config = load(&args.config, args.redis.as_deref())?;
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    let metrics = install_metrics()?;
     let limiter = config.layer().map_err(|e| e.to_string())?;
     #[cfg(unix)]
     reload_on_sighup(
