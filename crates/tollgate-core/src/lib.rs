@@ -66,9 +66,7 @@ pub mod vectors;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use decision::{Decision, Outcome};
 pub use memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
-pub use quota::{
-    Algorithm, DurationError, MAX_LIMIT, MAX_SPAN_MICROS, Quota, QuotaError, parse_duration,
-};
+pub use quota::{Algorithm, MAX_LIMIT, MAX_SPAN_MICROS, Quota, QuotaError};
 pub use store::{
     BoxFuture, DynStore, Held, Limit, Reservation, Reserve, Store, StoreError, StoreErrorKind,
     Verdict,

@@ -1,0 +1,236 @@
+//! The `store:` section: `memory` or `{ redis: { ... } }`, read, validated, and built.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::position::FieldPath;
+use super::unique::{NoRepeats, no_repeated_keys};
+use super::validate::Ctx;
+use super::{Config, ConfigError};
+use crate::inbound::OnStoreError;
+
+/// Where the limit state lives, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In this process.
+    Memory,
+    /// A standalone Redis.
+    Redis {
+        /// Its URL.
+        url: String,
+        /// Key prefix.
+        prefix: String,
+    },
+    /// A Redis Cluster.
+    Cluster {
+        /// Node URLs.
+        nodes: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+    },
+}
+
+/// `store:` as written. Read by hand rather than as an untagged enum, whose only error is "data
+/// did not match any variant".
+#[derive(Debug, Default)]
+pub(super) enum StoreSpec {
+    #[default]
+    Default,
+    Memory,
+    Redis(RedisSpec),
+}
+
+/// `store: { redis: { ... } }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub(super) struct RedisSpec {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    cluster: Option<Vec<String>>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    on_error: Option<String>,
+}
+
+no_repeated_keys!(RedisSpec);
+
+const STORE_EXPECTED: &str = "`memory` or `{ redis: { url: ... } }`";
+
+impl<'de> Deserialize<'de> for StoreSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<StoreSpec, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StoreSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(STORE_EXPECTED)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StoreSpec, E> {
+                match v {
+                    "memory" => Ok(StoreSpec::Memory),
+                    other => Err(E::custom(format!(
+                        "unknown store `{other}`: expected {STORE_EXPECTED}"
+                    ))),
+                }
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StoreSpec, A::Error> {
+                use serde::de::Error as _;
+                let mut spec = None;
+                // `redis` given twice is refused by `NoRepeats`, at the second one.
+                while let Some(kind) = map.next_key::<String>()? {
+                    match kind.as_str() {
+                        "redis" => spec = Some(map.next_value::<RedisSpec>()?),
+                        other => {
+                            return Err(A::Error::custom(format!(
+                                "unknown store `{other}`: expected {STORE_EXPECTED}"
+                            )));
+                        }
+                    }
+                }
+                spec.map(StoreSpec::Redis).ok_or_else(|| {
+                    A::Error::custom(format!("empty store: expected {STORE_EXPECTED}"))
+                })
+            }
+        }
+        NoRepeats(d).deserialize_any(Visitor)
+    }
+}
+
+/// The store section, validated: where the state lives, the failure policy, the store timeout.
+pub(super) struct StoreSettings {
+    pub(super) store: StoreConfig,
+    pub(super) on_error: OnStoreError,
+    pub(super) timeout: Duration,
+}
+
+impl StoreSpec {
+    pub(super) fn validate(&self, ctx: &Ctx<'_>) -> Result<StoreSettings, ConfigError> {
+        let redis = match self {
+            StoreSpec::Default | StoreSpec::Memory => {
+                return Ok(StoreSettings {
+                    store: StoreConfig::Memory,
+                    on_error: OnStoreError::default(),
+                    timeout: crate::limiter::DEFAULT_STORE_TIMEOUT,
+                });
+            }
+            StoreSpec::Redis(redis) => redis,
+        };
+        let field = |name: &str| FieldPath::top("store").key("redis").key(name);
+        let prefix = redis
+            .prefix
+            .clone()
+            .unwrap_or_else(|| "tollgate".to_owned());
+        let store = match (&redis.url, &redis.cluster) {
+            (Some(url), None) => StoreConfig::Redis {
+                url: url.clone(),
+                prefix,
+            },
+            (None, Some(nodes)) if !nodes.is_empty() => StoreConfig::Cluster {
+                nodes: nodes.clone(),
+                prefix,
+            },
+            (None, None) => StoreConfig::Redis {
+                url: "redis://127.0.0.1:6379".to_owned(),
+                prefix,
+            },
+            _ => {
+                return Err(ctx.error(
+                    &FieldPath::top("store").key("redis"),
+                    "give either url or a non-empty cluster list",
+                ));
+            }
+        };
+        let on_error = match &redis.on_error {
+            Some(s) => s
+                .parse()
+                .map_err(|e: String| ctx.error(&field("on_error"), e))?,
+            None => OnStoreError::default(),
+        };
+        let timeout = match redis.timeout_ms {
+            Some(0) => {
+                return Err(ctx.error(&field("timeout_ms"), "the timeout must be at least 1 ms"));
+            }
+            Some(ms) if Duration::from_millis(ms) > crate::limiter::MAX_STORE_TIMEOUT => {
+                return Err(ctx.error(
+                    &field("timeout_ms"),
+                    format!(
+                        "{ms} ms is too long: at most {} ms (a store call adds this much \
+                         latency to a request before the failure policy answers)",
+                        crate::limiter::MAX_STORE_TIMEOUT.as_millis()
+                    ),
+                ));
+            }
+            Some(ms) => Duration::from_millis(ms),
+            None => crate::limiter::DEFAULT_STORE_TIMEOUT,
+        };
+        Ok(StoreSettings {
+            store,
+            on_error,
+            timeout,
+        })
+    }
+}
+
+/// A store as a reload message names it (no password: only the host part of a URL).
+pub(super) fn describe_store(store: &StoreConfig) -> String {
+    let host = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest).to_owned()
+    };
+    match store {
+        StoreConfig::Memory => "memory".to_owned(),
+        StoreConfig::Redis { url, prefix } => format!("redis at {} (prefix {prefix})", host(url)),
+        StoreConfig::Cluster { nodes, prefix } => format!(
+            "redis cluster at {} (prefix {prefix})",
+            nodes.iter().map(|n| host(n)).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The configured store, built; `None` for this process's memory (the builders' default).
+pub(super) fn build(
+    config: &Config,
+) -> Result<Option<Arc<dyn tollgate_core::DynStore>>, ConfigError> {
+    match &config.store {
+        StoreConfig::Memory => Ok(None),
+        #[cfg(feature = "redis")]
+        StoreConfig::Redis { url, prefix } => redis(
+            config,
+            tollgate_redis::RedisStore::builder(url.clone()).prefix(prefix.clone()),
+        ),
+        #[cfg(feature = "redis")]
+        StoreConfig::Cluster { nodes, prefix } => redis(
+            config,
+            tollgate_redis::RedisStore::cluster_builder(nodes.clone()).prefix(prefix.clone()),
+        ),
+        #[cfg(not(feature = "redis"))]
+        StoreConfig::Redis { .. } | StoreConfig::Cluster { .. } => {
+            Err(config.store_error("store", "a Redis store needs tollgate's `redis` feature"))
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+fn redis(
+    config: &Config,
+    builder: tollgate_redis::RedisStoreBuilder,
+) -> Result<Option<Arc<dyn tollgate_core::DynStore>>, ConfigError> {
+    let store = builder
+        .timeout(config.timeout)
+        .build()
+        .map_err(|e| config.store_error("store.redis", e))?;
+    Ok(Some(Arc::new(store)))
+}
