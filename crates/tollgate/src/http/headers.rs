@@ -14,7 +14,8 @@
 //! The IETF pair follows draft-ietf-httpapi-ratelimit-headers: both are RFC 9651 structured-field
 //! Lists of one Item, the policy name as an sf-string, with the parameters `q` (the quota's
 //! [`limit`](Quota::limit)), `w` (its [`window_span`](Quota::window_span) in seconds, rounded up,
-//! at least 1), `r` (remaining) and `t` (seconds until the quota is whole again, rounded up).
+//! at least 1; the span is first cut to whole milliseconds, so the microsecond an uneven refill
+//! interval is rounded up by does not add a second: 3 per second is `w=1`, not `w=2`), `r` (remaining) and `t` (seconds until the quota is whole again, rounded up).
 //! When several policies apply, the caller reports the one closest to denial; this module formats
 //! one.
 //!
@@ -276,7 +277,10 @@ impl PolicyHeaders {
     pub(crate) fn new(policy: &str, quota: &Quota) -> PolicyHeaders {
         let mut sf_name = String::with_capacity(policy.len() + 2);
         push_sf_string(&mut sf_name, policy);
-        let window = ceil_secs(quota.window_span()).max(1);
+        // Whole milliseconds first: 3/s refills every 333,334 µs, a span of 1.000002 s, which
+        // is `w=1`, not `w=2`.
+        let span = quota.window_span();
+        let window = ceil_secs(Duration::from_millis(span.as_millis().try_into().unwrap_or(u64::MAX))).max(1);
         let mut value = String::with_capacity(sf_name.len() + 40);
         value.push_str(&sf_name);
         // Writing into a String cannot fail.
