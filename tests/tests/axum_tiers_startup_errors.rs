@@ -269,6 +269,17 @@ fn bad_flag() {
 }
 
 #[test]
+fn bad_header_read_timeout() {
+    for bad in ["soon", "0", "-1", "NaN", "1e9"] {
+        let flag = format!("--header-read-timeout={bad}");
+        let run = run_to_exit(&["--addr", "127.0.0.1:0", &flag]);
+        let error = single_error_line(&run);
+        assert!(error.contains("--header-read-timeout"), "{error}");
+        assert!(error.contains(bad), "`{bad}` missing from: {error}");
+    }
+}
+
+#[test]
 fn bad_redis_url() {
     let dir = TempDir::new();
     let path = dir.write("limits.yaml", GOOD);
