@@ -12,7 +12,8 @@
 //!   waits (bounded) for the `listening on http://…` line, collects stderr for assertions and
 //!   failure messages, and kills and reaps the process when dropped.
 //! - [`run_to_exit`] runs the binary to completion (bounded), for the start-up error cases.
-//! - [`client`], [`send`], [`Reply`] and [`metric`] are small HTTP and Prometheus-text helpers.
+//! - [`client`], [`send`], [`Reply`] and [`metric`] are small HTTP and Prometheus-text helpers;
+//!   [`help_description`] reads a flag's line of `--help` output.
 //!
 //! Every wait is bounded: a broken server fails the test with its stderr instead of hanging.
 
@@ -451,6 +452,31 @@ pub fn run_to_exit(args: &[&str]) -> Exited {
         stderr: stderr.get(),
         elapsed,
     }
+}
+
+/// The one-line description `--help` gives `flag`: the text after `--flag <VALUE>` on the line
+/// that lists it. Panics, showing the help, if the flag is not listed or has no description.
+pub fn help_description<'a>(help: &'a str, flag: &str) -> &'a str {
+    let line = help
+        .lines()
+        .map(str::trim_start)
+        .find(|line| {
+            line.strip_prefix(flag)
+                .is_some_and(|rest| rest.starts_with([' ', '=']))
+        })
+        .unwrap_or_else(|| panic!("`{flag}` is not listed in the help:\n{help}"));
+    let rest = line[flag.len()..].trim_start();
+    // The value's name, `<PATH>`, when the flag takes one.
+    let rest = match rest.strip_prefix('<') {
+        Some(value) => value.split_once('>').map_or("", |(_, after)| after),
+        None => rest,
+    };
+    let description = rest.trim();
+    assert!(
+        description.split_whitespace().count() >= 3,
+        "`{flag}` has no description in the help:\n{help}"
+    );
+    description
 }
 
 /// An HTTP client for loopback tests: no proxies (whatever `HTTP_PROXY` says), 10 s timeout.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
-use tollgate_e2e::reqwest_client_bin;
+use tollgate_e2e::{help_description, reqwest_client_bin};
 
 /// The summary's fields, as the contract lists them.
 const FIELDS: [&str; 6] = [
@@ -251,7 +251,7 @@ async fn bad_flags_and_values_are_one_line_naming_the_flag() {
     let (base, hits) = upstream().await;
     let url = format!("{base}/ok");
     let url = url.as_str();
-    let cases: [(&[&str], &[&str]); 12] = [
+    let cases: [(&[&str], &[&str]); 14] = [
         (&["--requests", "3"], &["--url"]),
         (&["--url", url, "--rate", "5/x"], &["--rate", "5/x"]),
         (&["--url", url, "--rate", "5"], &["--rate", "5"]),
@@ -270,6 +270,11 @@ async fn bad_flags_and_values_are_one_line_naming_the_flag() {
         ),
         (&["--url", url, "--bucket", "shared"], &["--redis"]),
         (&["--url", url, "--nope"], &["--nope"]),
+        (&["--url", "not a url"], &["--url", "not a url"]),
+        (
+            &["--url", url, "--concurrency", "0"],
+            &["--concurrency", "0"],
+        ),
     ];
     for (args, words) in cases {
         let done = run(args).await;
@@ -286,4 +291,47 @@ async fn bad_flags_and_values_are_one_line_naming_the_flag() {
         0,
         "a refused command line sent requests"
     );
+}
+
+/// `--help` is no error: it lists every flag of the contract with a description (and the
+/// defaults), on stdout, and exits 0 without sending anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_lists_every_flag_and_exits_0() {
+    for flag in ["--help", "-h"] {
+        let done = run(&[flag]).await;
+        assert!(
+            done.status.success(),
+            "{flag}: exited with {} (stdout: {:?}, stderr: {:?})",
+            done.status,
+            done.stdout,
+            done.stderr
+        );
+        assert!(done.stderr.is_empty(), "{flag}: stderr: {}", done.stderr);
+        assert!(
+            done.stdout.contains(
+                "reqwest-client --url URL [--requests N] [--rate N/s|N/m] [--burst B] \
+                 [--concurrency C] [--max-wait SECS] [--redis URL --bucket NAME]"
+            ),
+            "{}",
+            done.stdout
+        );
+        for (name, words) in [
+            ("--url", &["URL"][..]),
+            ("--requests", &["[default: 10]"]),
+            ("--rate", &["N/s", "N/m", "[default: 10/s]"]),
+            ("--burst", &["at once", "[default: the rate's N]"]),
+            ("--concurrency", &["[default: 4]"]),
+            ("--max-wait", &["seconds", "[default: 60]"]),
+            ("--redis", &["Redis", "--bucket"]),
+            ("--bucket", &["--redis"]),
+        ] {
+            let description = help_description(&done.stdout, name);
+            for word in words {
+                assert!(
+                    description.contains(word),
+                    "{name}: `{word}` missing: {description}"
+                );
+            }
+        }
+    }
 }
