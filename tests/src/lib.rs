@@ -7,11 +7,13 @@
 //!   example-axum-tiers --bin axum-tiers`, a no-op when it is up to date) and returns the path
 //!   of the executable Cargo reports, so `CARGO_TARGET_DIR`, `--target-dir` and
 //!   `build.target-dir` are all respected (the default is the workspace's `target/debug/`).
+//!   [`webhook_worker_bin`] and [`reqwest_client_bin`] do the same for the other examples.
 //! - [`Server`] starts it on `127.0.0.1:0` with a configuration file in its own [`TempDir`],
 //!   waits (bounded) for the `listening on http://…` line, collects stderr for assertions and
 //!   failure messages, and kills and reaps the process when dropped.
 //! - [`run_to_exit`] runs the binary to completion (bounded), for the start-up error cases.
-//! - [`client`], [`send`], [`Reply`] and [`metric`] are small HTTP and Prometheus-text helpers.
+//! - [`client`], [`send`], [`Reply`] and [`metric`] are small HTTP and Prometheus-text helpers;
+//!   [`help_description`] reads a flag's line of `--help` output.
 //!
 //! Every wait is bounded: a broken server fails the test with its stderr instead of hanging.
 
@@ -59,6 +61,12 @@ pub fn limiter_burst_bin() -> &'static Path {
 pub fn webhook_worker_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build_bin("example-webhook-worker", "webhook-worker"))
+}
+
+/// The `reqwest-client` executable, built on first use (as [`axum_tiers_bin`]).
+pub fn reqwest_client_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("example-reqwest-client", "reqwest-client"))
 }
 
 fn build_bin(package: &str, bin: &str) -> PathBuf {
@@ -408,10 +416,11 @@ pub struct Exited {
 /// Runs `axum-tiers ARGS` and waits for it to exit (at most [`EXIT_TIMEOUT`]; a process still
 /// running then is killed and the test fails).
 pub fn run_to_exit(args: &[&str]) -> Exited {
+    // Built first: the time bound is the process's, not Cargo's (which may wait for the build
+    // lock while other tests build).
+    let mut command = axum_tiers_command(args);
     let started = Instant::now();
-    let mut child = axum_tiers_command(args)
-        .spawn()
-        .expect("cannot start axum-tiers");
+    let mut child = command.spawn().expect("cannot start axum-tiers");
     let stdout = Collected::default();
     let stderr = Collected::default();
     let readers = [
@@ -443,6 +452,31 @@ pub fn run_to_exit(args: &[&str]) -> Exited {
         stderr: stderr.get(),
         elapsed,
     }
+}
+
+/// The one-line description `--help` gives `flag`: the text after `--flag <VALUE>` on the line
+/// that lists it. Panics, showing the help, if the flag is not listed or has no description.
+pub fn help_description<'a>(help: &'a str, flag: &str) -> &'a str {
+    let line = help
+        .lines()
+        .map(str::trim_start)
+        .find(|line| {
+            line.strip_prefix(flag)
+                .is_some_and(|rest| rest.starts_with([' ', '=']))
+        })
+        .unwrap_or_else(|| panic!("`{flag}` is not listed in the help:\n{help}"));
+    let rest = line[flag.len()..].trim_start();
+    // The value's name, `<PATH>`, when the flag takes one.
+    let rest = match rest.strip_prefix('<') {
+        Some(value) => value.split_once('>').map_or("", |(_, after)| after),
+        None => rest,
+    };
+    let description = rest.trim();
+    assert!(
+        description.split_whitespace().count() >= 3,
+        "`{flag}` has no description in the help:\n{help}"
+    );
+    description
 }
 
 /// An HTTP client for loopback tests: no proxies (whatever `HTTP_PROXY` says), 10 s timeout.

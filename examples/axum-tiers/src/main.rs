@@ -14,7 +14,9 @@
 //! the limits come from `examples/axum-tiers/limits.yaml` by default; `--redis` keeps the state in
 //! Redis (shared by every server started with the same URL). `kill -HUP` reloads the file,
 //! keeping the buckets. A connection that does not send a whole request head within the header
-//! read timeout (10 s by default; idle keep-alive connections included) is closed.
+//! read timeout (10 s by default; idle keep-alive connections included) is closed. `--help` lists
+//! the flags; a bad flag or value is one line on stderr naming it (exit code 2), as is a bad
+//! configuration file or a taken port (exit code 1).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -30,6 +32,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tollgate::config::{Config, StoreConfig};
 use tollgate::inbound::{ApiKeys, PolicyHandle, RateLimitDecision, RateLimitLayer};
 
+#[path = "../../shared/cli.rs"]
+mod cli;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -37,63 +42,77 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
-/// The command line.
-#[derive(Debug, PartialEq, Eq)]
+/// An axum server with tier-based rate limits from YAML: `kill -HUP` reloads the file, keeping
+/// the buckets.
+#[derive(Debug, PartialEq, Eq, clap::Parser)]
+#[command(
+    name = "axum-tiers",
+    version,
+    override_usage = "axum-tiers [--config PATH] [--addr HOST:PORT] [--redis URL] \
+                      [--header-read-timeout SECS]"
+)]
 struct Args {
+    /// The rate limits, tiers and API keys (YAML).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "examples/axum-tiers/limits.yaml"
+    )]
     config: PathBuf,
+    /// Where to listen; port 0 picks a free one (the `listening on` line says which).
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:3000",
+        value_parser = parse_addr
+    )]
     addr: String,
+    /// Keep the buckets in this Redis (redis://host:port), whatever store the file names.
+    #[arg(long, value_name = "URL", value_parser = parse_redis_url)]
     redis: Option<String>,
+    /// Seconds a connection has to send a request head, idle keep-alive included (up to 3600).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "10",
+        value_parser = parse_header_read_timeout,
+        allow_negative_numbers = true
+    )]
     header_read_timeout: Duration,
 }
 
-const USAGE: &str = "usage: axum-tiers [--config PATH] [--addr HOST:PORT] [--redis URL] \
-                     [--header-read-timeout SECS]";
+/// `--redis`: a URL redis-rs can connect to (`redis://`, `rediss://`, `redis+unix://`), checked
+/// here so a typo is the flag's error, not the configuration file's.
+fn parse_redis_url(text: &str) -> Result<String, String> {
+    use redis::IntoConnectionInfo as _;
+    text.into_connection_info()
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("invalid redis url `{text}`: {e}"))
+}
 
-/// How long a connection may take to send a request head (and an idle keep-alive connection may
-/// stay), unless `--header-read-timeout` says otherwise.
-const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut parsed = Args {
-        config: PathBuf::from("examples/axum-tiers/limits.yaml"),
-        addr: "127.0.0.1:3000".to_owned(),
-        redis: None,
-        header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-    };
-    while let Some(flag) = args.next() {
-        let (name, inline) = match flag.split_once('=') {
-            Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
-            None => (flag.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value ({USAGE})"))
-        };
-        match name.as_str() {
-            "--config" => parsed.config = PathBuf::from(value()?),
-            "--addr" => parsed.addr = value()?,
-            "--redis" => parsed.redis = Some(value()?),
-            "--header-read-timeout" => {
-                let text = value()?;
-                parsed.header_read_timeout = text
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| {
-                        format!(
-                            "--header-read-timeout: `{text}` is not a number of seconds between \
-                             0 and 3600 ({USAGE})"
-                        )
-                    })?;
-            }
-            "-h" | "--help" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown flag `{other}` ({USAGE})")),
-        }
+/// `--addr`: `HOST:PORT`, an IP address (IPv6 in brackets) or a host name and a port number. The
+/// name is resolved when the server binds.
+fn parse_addr(text: &str) -> Result<String, String> {
+    if text.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(text.to_owned());
     }
-    Ok(parsed)
+    let shape = "expected HOST:PORT, such as 127.0.0.1:3000 or localhost:0";
+    let (host, port) = text.rsplit_once(':').ok_or(shape)?;
+    if host.is_empty() || host.contains(':') || host.contains(char::is_whitespace) {
+        return Err(shape.to_owned());
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("`{port}` is not a port number (0 to 65535)"))?;
+    Ok(text.to_owned())
+}
+
+/// `--header-read-timeout`: seconds (fractions allowed), more than 0 and at most an hour.
+fn parse_header_read_timeout(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs > 0.0 && *secs <= 3600.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| "not a number of seconds between 0 and 3600".to_owned())
 }
 
 /// The application: the limited API under the rate-limit layer, `/healthz` and `/metrics` beside
@@ -304,8 +323,7 @@ fn install_metrics() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-async fn run() -> Result<(), String> {
-    let args = parse_args(std::env::args().skip(1))?;
+async fn run(args: Args) -> Result<(), String> {
     let config = load(&args.config, args.redis.as_deref())?;
     let metrics = install_metrics()?;
     let limiter = config.layer().map_err(|e| e.to_string())?;
@@ -338,6 +356,10 @@ async fn run() -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args = match cli::parse::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -345,7 +367,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run().await {
+    match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("axum-tiers: {e}");
@@ -356,14 +378,16 @@ async fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
-    fn args(list: &[&str]) -> Result<Args, String> {
-        parse_args(list.iter().map(|s| (*s).to_owned()))
+    fn args(list: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("axum-tiers").chain(list.iter().copied()))
     }
 
     #[test]
-    fn flags() {
+    fn flags_and_defaults() {
         let a = args(&[
             "--config",
             "x.yaml",
@@ -371,40 +395,47 @@ mod tests {
             "--redis",
             "redis://h",
         ])
-        .unwrap();
+        .expect("valid");
         assert_eq!(
             a,
             Args {
                 config: "x.yaml".into(),
                 addr: "0.0.0.0:0".into(),
                 redis: Some("redis://h".into()),
-                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                header_read_timeout: Duration::from_secs(10),
             }
         );
-        assert!(
-            args(&["--port", "1"])
-                .unwrap_err()
-                .contains("unknown flag `--port`")
-        );
-        assert!(
-            args(&["--addr"])
-                .unwrap_err()
-                .contains("--addr needs a value")
-        );
-        assert_eq!(args(&[]).unwrap().addr, "127.0.0.1:3000");
+        let a = args(&[]).expect("valid");
+        assert_eq!(a.config, PathBuf::from("examples/axum-tiers/limits.yaml"));
+        assert_eq!((a.addr.as_str(), a.redis), ("127.0.0.1:3000", None));
         assert_eq!(
             args(&["--header-read-timeout", "1.5"])
-                .unwrap()
+                .expect("valid")
                 .header_read_timeout,
             Duration::from_millis(1500)
         );
-        for bad in ["0", "-1", "soon", "NaN", "1e9"] {
-            assert!(
-                args(&["--header-read-timeout", bad])
-                    .unwrap_err()
-                    .contains("--header-read-timeout"),
-                "{bad}"
-            );
+        for good in ["localhost:0", "[::1]:8080", "example.com:65535"] {
+            assert_eq!(args(&["--addr", good]).expect(good).addr, good);
+        }
+    }
+
+    #[test]
+    fn mistakes() {
+        assert!(args(&["--port", "1"]).is_err());
+        assert!(args(&["--addr"]).is_err());
+        for bad in [
+            "nowhere",
+            ":80",
+            "host:",
+            "host:http",
+            "host:65536",
+            "::1:80",
+            "a b:1",
+        ] {
+            assert!(args(&["--addr", bad]).is_err(), "{bad}");
+        }
+        for bad in ["0", "-1", "soon", "NaN", "inf", "1e9"] {
+            assert!(args(&["--header-read-timeout", bad]).is_err(), "{bad}");
         }
     }
 }

@@ -17,6 +17,10 @@
 //! `sent` calls, `ok` 2xx answers, `rate_limited_locally` calls refused by the client's own bucket
 //! (`RateLimited`, never sent), `upstream_429` every 429 received (retried ones included),
 //! `errors` transport failures, other statuses and calls still refused after the retries.
+//!
+//! `--help` lists the flags and their defaults (10 requests at 10/s, burst the rate's N, 4 in
+//! flight, 60 s of waiting at most). A bad flag or value is one line on stderr naming it, exit
+//! code 2; a failure once running (a Redis that cannot be reached, say) exits 1.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,100 +32,70 @@ use tollgate::outbound::{Bucket, RateLimitLayer, RateLimited};
 use tollgate::redis::RedisStore;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-const USAGE: &str = "usage: reqwest-client --url URL [--requests N] [--rate N/s|N/m] [--burst B] [--concurrency C] [--max-wait SECS] [--redis URL --bucket NAME]";
+#[path = "../../shared/cli.rs"]
+mod cli;
+#[path = "../../shared/rate.rs"]
+mod rate;
 
-/// The command line.
-#[derive(Debug, Clone, PartialEq)]
+/// Sends N GET requests through a rate-limited reqwest client, alone or sharing its bucket with a
+/// fleet through Redis, and prints a JSON summary as its last line.
+#[derive(Debug, Clone, PartialEq, clap::Parser)]
+#[command(
+    name = "reqwest-client",
+    version,
+    override_usage = "reqwest-client --url URL [--requests N] [--rate N/s|N/m] [--burst B] \
+                      [--concurrency C] [--max-wait SECS] [--redis URL --bucket NAME]"
+)]
 struct Args {
-    url: String,
+    /// The URL every request GETs.
+    #[arg(long, value_name = "URL")]
+    url: reqwest::Url,
+    /// How many requests to send.
+    #[arg(long, value_name = "N", default_value_t = 10)]
     requests: u64,
-    rate: (u32, Duration),
+    /// The client's rate: N per second, minute or hour (N/s, N/m, N/h).
+    #[arg(
+        long,
+        value_name = "N/s|N/m",
+        default_value = "10/s",
+        value_parser = rate::parse_rate
+    )]
+    rate: Quota,
+    /// How many requests may go at once after a quiet spell [default: the rate's N].
+    #[arg(long, value_name = "B", value_parser = clap::value_parser!(u32).range(1..))]
     burst: Option<u32>,
-    concurrency: usize,
+    /// How many requests are in flight at once.
+    #[arg(
+        long,
+        value_name = "C",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..=1024)
+    )]
+    concurrency: u32,
+    /// How long a request may wait for a token before it counts as rate_limited_locally (seconds).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "60",
+        value_parser = parse_max_wait,
+        allow_negative_numbers = true
+    )]
     max_wait: Duration,
+    /// Share the bucket with every client on this Redis (redis://host:port); needs --bucket.
+    #[arg(long, value_name = "URL", requires = "bucket")]
     redis: Option<String>,
+    /// The name of the bucket shared through --redis.
+    #[arg(long, value_name = "NAME", requires = "redis")]
     bucket: Option<String>,
 }
 
-fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
-    let (n, unit) = text
-        .split_once('/')
-        .ok_or_else(|| format!("--rate `{text}`: expected N/s or N/m"))?;
-    let n: u32 = n
-        .parse()
-        .map_err(|_| format!("--rate `{text}`: `{n}` is not a whole number"))?;
-    let period = match unit {
-        "s" => Duration::from_secs(1),
-        "m" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        _ => return Err(format!("--rate `{text}`: the unit must be s, m or h")),
-    };
-    Ok((n, period))
-}
-
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut url = None;
-    let mut parsed = Args {
-        url: String::new(),
-        requests: 10,
-        rate: (10, Duration::from_secs(1)),
-        burst: None,
-        concurrency: 4,
-        max_wait: Duration::from_secs(60),
-        redis: None,
-        bucket: None,
-    };
-    while let Some(flag) = args.next() {
-        let (name, inline) = match flag.split_once('=') {
-            Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
-            None => (flag.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value ({USAGE})"))
-        };
-        let number = |v: String| -> Result<u64, String> {
-            v.parse()
-                .map_err(|_| format!("{name}: `{v}` is not a whole number"))
-        };
-        match name.as_str() {
-            "--url" => url = Some(value()?),
-            "--requests" => parsed.requests = number(value()?)?,
-            "--rate" => parsed.rate = parse_rate(&value()?)?,
-            "--burst" => {
-                parsed.burst = Some(
-                    u32::try_from(number(value()?)?)
-                        .map_err(|_| "--burst is too large".to_owned())?,
-                )
-            }
-            "--concurrency" => {
-                parsed.concurrency = usize::try_from(number(value()?)?)
-                    .map_err(|_| "--concurrency is too large".to_owned())?
-                    .max(1)
-            }
-            "--max-wait" => {
-                let v = value()?;
-                let secs: f64 = v
-                    .parse()
-                    .map_err(|_| format!("--max-wait: `{v}` is not a number of seconds"))?;
-                if !secs.is_finite() || secs < 0.0 {
-                    return Err(format!("--max-wait: `{v}` is not a number of seconds"));
-                }
-                parsed.max_wait = Duration::from_secs_f64(secs);
-            }
-            "--redis" => parsed.redis = Some(value()?),
-            "--bucket" => parsed.bucket = Some(value()?),
-            "-h" | "--help" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown flag `{other}` ({USAGE})")),
-        }
-    }
-    parsed.url = url.ok_or_else(|| format!("--url is required ({USAGE})"))?;
-    if parsed.redis.is_some() != parsed.bucket.is_some() {
-        return Err("--redis and --bucket go together".to_owned());
-    }
-    Ok(parsed)
+/// `--max-wait`: a number of seconds, zero or more (fractions allowed).
+fn parse_max_wait(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|secs| *secs >= 0.0)
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .ok_or_else(|| "not a number of seconds, zero or more".to_owned())
 }
 
 #[derive(Default)]
@@ -133,20 +107,18 @@ struct Counts {
     errors: AtomicU64,
 }
 
-async fn run() -> Result<String, String> {
-    let args = parse_args(std::env::args().skip(1))?;
-    let (n, period) = args.rate;
-    let mut quota = Quota::per_period(n, period).map_err(|e| format!("--rate: {e}"))?;
-    if let Some(burst) = args.burst {
-        quota = quota
+async fn run(args: Args) -> Result<String, String> {
+    let quota = match args.burst {
+        Some(burst) => args
+            .rate
             .with_burst(burst)
-            .map_err(|e| format!("--burst: {e}"))?;
-    }
+            .map_err(|e| format!("--burst: {e}"))?,
+        None => args.rate,
+    };
     let bucket_name = args.bucket.clone().unwrap_or_else(|| {
-        reqwest::Url::parse(&args.url)
-            .ok()
-            .and_then(|u| u.host_str().map(|h| format!("client:{h}")))
-            .unwrap_or_else(|| "client".to_owned())
+        args.url
+            .host_str()
+            .map_or_else(|| "client".to_owned(), |h| format!("client:{h}"))
     });
     let builder = RateLimitLayer::builder(Bucket::new(bucket_name, quota).fixed())
         .max_wait(args.max_wait)
@@ -167,7 +139,7 @@ async fn run() -> Result<String, String> {
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-    let url = reqwest::Url::parse(&args.url).map_err(|e| format!("--url `{}`: {e}", args.url))?;
+    let url = args.url;
     let counts = Arc::new(Counts::default());
     // Every 429 the upstream sends is counted, including those the layer retried after the pause.
     let seen = Arc::clone(&counts);
@@ -240,6 +212,10 @@ async fn run() -> Result<String, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args = match cli::parse::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -247,7 +223,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run().await {
+    match run(args).await {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS
@@ -261,14 +237,23 @@ async fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
-    fn args(list: &[&str]) -> Result<Args, String> {
-        parse_args(list.iter().map(|s| (*s).to_owned()))
+    fn args(list: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("reqwest-client").chain(list.iter().copied()))
     }
 
     #[test]
-    fn flags() {
+    fn flags_and_defaults() {
+        let a = args(&["--url", "http://x/"]).expect("valid");
+        assert_eq!(a.url.as_str(), "http://x/");
+        assert_eq!((a.requests, a.burst, a.concurrency), (10, None, 4));
+        assert_eq!(a.rate, Quota::per_second(10).expect("a quota"));
+        assert_eq!(a.max_wait, Duration::from_secs(60));
+        assert_eq!((a.redis, a.bucket), (None, None));
+
         let a = args(&[
             "--url",
             "http://x",
@@ -277,28 +262,39 @@ mod tests {
             "--burst=2",
             "--max-wait",
             "1.5",
+            "--redis",
+            "redis://h",
+            "--bucket",
+            "b",
         ])
-        .unwrap();
-        assert_eq!(a.rate, (5, Duration::from_secs(60)));
+        .expect("valid");
+        assert_eq!(a.rate, Quota::per_minute(5).expect("a quota"));
         assert_eq!(
             (a.burst, a.max_wait),
             (Some(2), Duration::from_millis(1500))
         );
-        assert!(args(&[]).unwrap_err().contains("--url is required"));
-        assert!(
-            args(&["--url", "u", "--rate", "5"])
-                .unwrap_err()
-                .contains("N/s")
+        assert_eq!(
+            (a.redis.as_deref(), a.bucket.as_deref()),
+            (Some("redis://h"), Some("b"))
         );
-        assert!(
-            args(&["--url", "u", "--redis", "r"])
-                .unwrap_err()
-                .contains("together")
-        );
-        assert!(
-            args(&["--url", "u", "--nope"])
-                .unwrap_err()
-                .contains("unknown flag")
-        );
+    }
+
+    #[test]
+    fn mistakes() {
+        for bad in [
+            &[][..],
+            &["--url", "not a url"],
+            &["--url", "u", "--rate", "5"],
+            &["--url", "http://x", "--redis", "r"],
+            &["--url", "http://x", "--bucket", "b"],
+            &["--url", "http://x", "--nope"],
+            &["--url", "http://x", "--concurrency", "0"],
+            &["--url", "http://x", "--burst", "0"],
+            &["--url", "http://x", "--max-wait", "-1"],
+            &["--url", "http://x", "--max-wait", "1e300"],
+            &["--url", "http://x", "--max-wait", "NaN"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -32,6 +32,9 @@ use tollgate::core::Quota;
 use tollgate::limiter::Limiter;
 use tollgate::redis::RedisStore;
 
+#[path = "../../shared/rate.rs"]
+mod rate;
+
 /// The one limit of the worker: every destination has its own bucket under it.
 const LIMIT: &str = "destination";
 /// The most attempts (transport errors, 5xx) an event gets before it has failed.
@@ -50,8 +53,8 @@ struct Args {
     #[arg(long)]
     events: u64,
     /// Each destination's rate: N/s, N/m or N/h.
-    #[arg(long, default_value = "10/s", value_parser = parse_rate)]
-    rate: Rate,
+    #[arg(long, default_value = "10/s", value_parser = rate::parse_rate)]
+    rate: Quota,
     /// Each destination's burst (default: the rate's count).
     #[arg(long)]
     burst: Option<u32>,
@@ -61,29 +64,6 @@ struct Args {
     /// Share the buckets with every worker on this Redis (redis://host:port).
     #[arg(long)]
     redis: Option<String>,
-}
-
-/// A rate: a count per period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Rate {
-    count: u32,
-    period: Duration,
-}
-
-fn parse_rate(text: &str) -> Result<Rate, String> {
-    let (n, unit) = text
-        .split_once('/')
-        .ok_or_else(|| format!("`{text}`: expected N/s, N/m or N/h"))?;
-    let count: u32 = n
-        .parse()
-        .map_err(|_| format!("`{text}`: `{n}` is not a whole number"))?;
-    let period = match unit {
-        "s" => Duration::from_secs(1),
-        "m" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        _ => return Err(format!("`{text}`: the unit must be s, m or h")),
-    };
-    Ok(Rate { count, period })
 }
 
 /// One destination: where it is, its bucket's identity, and what happened to its events.
@@ -269,12 +249,11 @@ async fn work(
 }
 
 async fn run(args: Args) -> Result<serde_json::Value, String> {
-    let quota = Quota::per_period(args.rate.count, args.rate.period)
-        .and_then(|q| match args.burst {
-            Some(b) => q.with_burst(b),
-            None => Ok(q),
-        })
-        .map_err(|e| format!("--rate / --burst: {e}"))?;
+    let quota = match args.burst {
+        Some(b) => args.rate.with_burst(b),
+        None => Ok(args.rate),
+    }
+    .map_err(|e| format!("--burst: {e}"))?;
     let mut builder = Limiter::builder()
         .limit(LIMIT, quota)
         .timeout(Duration::from_millis(500));
@@ -384,17 +363,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rates_and_identities() {
-        assert_eq!(
-            parse_rate("5/m"),
-            Ok(Rate {
-                count: 5,
-                period: Duration::from_secs(60)
-            })
-        );
-        for bad in ["5", "x/s", "5/d", "-1/s"] {
-            assert!(parse_rate(bad).is_err(), "{bad}");
-        }
+    fn identities() {
         assert_eq!(
             identity("http://a.example/hooks/1?x=2").as_deref(),
             Ok("a.example:80/hooks/1")
@@ -420,6 +389,7 @@ mod tests {
         .expect("valid flags");
         assert_eq!(args.destinations, ["http://a/x", "http://b/y"]);
         assert_eq!((args.events, args.concurrency, args.burst), (3, 4, None));
+        assert_eq!(args.rate, Quota::per_second(2).expect("a quota"));
         assert!(Args::try_parse_from(["webhook-worker", "--events", "3"]).is_err());
         assert!(
             Args::try_parse_from([
