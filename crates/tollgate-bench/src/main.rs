@@ -31,6 +31,7 @@ mod load;
 mod memory;
 mod redis_suite;
 mod report;
+mod wrk;
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
