@@ -413,6 +413,53 @@ pub struct Exited {
     pub elapsed: Duration,
 }
 
+impl Exited {
+    /// The one stderr line of a refused start, after checking what every refusal of an example
+    /// binary shares: a non-zero exit (not a signal), within 5 s, no panic, exactly one line on
+    /// stderr, starting `PROGRAM: ` and saying something after it.
+    pub fn refusal_line(&self, program: &str) -> &str {
+        assert!(
+            !self.status.success(),
+            "exited with {} (stdout: {:?}, stderr: {:?})",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        assert!(
+            self.status.code().is_some(),
+            "killed by a signal: {}",
+            self.status
+        );
+        assert!(
+            self.elapsed < Duration::from_secs(5),
+            "took {:?}",
+            self.elapsed
+        );
+        for out in [&self.stdout, &self.stderr] {
+            assert!(!out.contains("panicked"), "{out}");
+        }
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "stderr must be one line: {:?}", self.stderr);
+        let line = lines[0];
+        let prefix = format!("{program}: ");
+        assert!(line.starts_with(&prefix), "{line}");
+        assert!(line.len() > prefix.len() + 10, "{line}");
+        line
+    }
+}
+
+/// Serves `app` on a free port of 127.0.0.1 in a task of the current runtime: its address.
+pub async fn serve_on_loopback(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("a local address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
 /// Runs `axum-tiers ARGS` and waits for it to exit (at most [`EXIT_TIMEOUT`]; a process still
 /// running then is killed and the test fails).
 pub fn run_to_exit(args: &[&str]) -> Exited {

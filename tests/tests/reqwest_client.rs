@@ -4,14 +4,13 @@
 //! layer's own behaviour (429s, pauses, a fleet on Redis) is tested in
 //! `crates/tollgate/tests/outbound_fleet.rs`.
 
-use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
-use tollgate_e2e::{help_description, reqwest_client_bin};
+use tollgate_e2e::{Exited, help_description, reqwest_client_bin, serve_on_loopback};
 
 /// The summary's fields, as the contract lists them.
 const FIELDS: [&str; 6] = [
@@ -36,26 +35,12 @@ async fn upstream() -> (String, Arc<AtomicU64>) {
             }),
         )
         .with_state(Arc::clone(&hits));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("an address");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve_on_loopback(app).await;
     (format!("http://{addr}"), hits)
 }
 
-/// How a run of the client ended.
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
 /// Runs `reqwest-client ARGS` to completion (at most 30 s).
-async fn run(args: &[&str]) -> Run {
+async fn run(args: &[&str]) -> Exited {
     // Built before the clock starts (Cargo may wait for the build lock).
     let bin = tokio::task::block_in_place(reqwest_client_bin);
     let started = Instant::now();
@@ -71,7 +56,7 @@ async fn run(args: &[&str]) -> Run {
     .await
     .unwrap_or_else(|_| panic!("reqwest-client {args:?} still running after 30 s"))
     .expect("reqwest-client ran");
-    Run {
+    Exited {
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -81,7 +66,7 @@ async fn run(args: &[&str]) -> Run {
 
 /// The summary of a successful run: its last line of stdout, a JSON object with exactly the
 /// contract's fields, each a number.
-fn summary(run: &Run) -> serde_json::Value {
+fn summary(run: &Exited) -> serde_json::Value {
     assert!(
         run.status.success(),
         "exited with {}\nstdout:\n{}\nstderr:\n{}",
@@ -110,31 +95,9 @@ fn count(summary: &serde_json::Value, field: &str) -> u64 {
 
 /// The one stderr line of a refused command line, after checking what every refusal shares: a
 /// non-zero exit (not a signal), quickly, no summary, no panic.
-fn error_line(run: &Run) -> &str {
-    assert!(
-        !run.status.success(),
-        "exited with {} (stdout: {:?}, stderr: {:?})",
-        run.status,
-        run.stdout,
-        run.stderr
-    );
-    assert!(
-        run.status.code().is_some(),
-        "killed by a signal: {}",
-        run.status
-    );
-    assert!(
-        run.elapsed < Duration::from_secs(5),
-        "took {:?}",
-        run.elapsed
-    );
+fn error_line(run: &Exited) -> &str {
     assert!(run.stdout.is_empty(), "stdout: {}", run.stdout);
-    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
-    let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "stderr must be one line: {:?}", run.stderr);
-    let line = lines[0];
-    assert!(line.starts_with("reqwest-client: "), "{line}");
-    line
+    run.refusal_line("reqwest-client")
 }
 
 /// Only `--url` given: 10 requests (the default), every one answered, and the summary last.

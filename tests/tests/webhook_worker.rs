@@ -89,13 +89,7 @@ async fn destination(kind: Kind, path: &str) -> (String, Arc<Destination>) {
     let app = Router::new()
         .route(path, axum::routing::post(receive))
         .with_state(Arc::clone(&state));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("an address");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = tollgate_e2e::serve_on_loopback(app).await;
     (format!("http://{addr}{path}"), state)
 }
 
