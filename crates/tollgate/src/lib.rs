@@ -9,7 +9,7 @@
 //!   stand on (timeout, circuit breaker, failure policy);
 //! * [`config`] (feature `yaml`): the YAML configuration;
 //! * the building blocks, each usable on its own: [`http`] (`RateLimit`, `X-RateLimit-*`,
-//!   `Retry-After`, problem+json, the client behind trusted proxies, bounded keys), [`breaker`]
+//!   `Retry-After`, problem+json, the client behind trusted proxies, bounded keys), [`limiter::breaker`]
 //!   (the circuit breaker), [`metrics`] (the metric names).
 //!
 //! The algorithms and stores live in `tollgate-core` (re-exported as [`core`]) and
@@ -19,10 +19,8 @@ pub use tollgate_core as core;
 
 pub use limiter::Limiter;
 
-pub mod breaker;
 #[cfg(feature = "yaml")]
 pub mod config;
-mod denied;
 pub mod http;
 pub mod inbound;
 pub mod limiter;

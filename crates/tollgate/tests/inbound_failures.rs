@@ -19,7 +19,7 @@ use axum::routing::get;
 use metrics::{
     Counter, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
-use tollgate::breaker::BreakerConfig;
+use tollgate::limiter::BreakerConfig;
 use tollgate::core::Quota;
 use tollgate::inbound::{OnStoreError, Policy, RateLimitDecision, RateLimitLayer};
 use tollgate::metrics as m;

@@ -10,7 +10,7 @@ use tollgate_core::{Decision, Limit, Outcome, Verdict};
 
 use super::identity::{Identity, Rejection, TIER_KEY_EXTRA};
 use super::policy::{LimitInfo, Policy, PolicyHandle, Tier};
-use crate::denied::DeniedCache;
+use super::denied::DeniedCache;
 use crate::http::headers::{self, HeaderMode};
 use crate::http::key::fingerprint;
 use crate::http::problem;

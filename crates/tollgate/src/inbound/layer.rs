@@ -11,8 +11,8 @@ use super::error::BuildError;
 use super::identity::{ApiKeys, ClientIp, Global, HeaderValueKey};
 use super::policy::{Policy, PolicyHandle};
 use super::service::RateLimit;
-use crate::breaker::BreakerConfig;
-use crate::denied::DeniedCache;
+use crate::limiter::BreakerConfig;
+use super::denied::DeniedCache;
 use crate::limiter::guarded::{Guard, GuardedStore};
 use crate::limiter::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
 

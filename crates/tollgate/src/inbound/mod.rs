@@ -51,6 +51,7 @@
 //! caller's identity and the store answer at once (the built-in extractors with `MemoryStore`),
 //! else in the response future.
 
+mod denied;
 mod engine;
 mod error;
 mod future;

@@ -67,7 +67,7 @@ use tollgate_core::{DynStore, Limit, MemoryStore, Quota, Store};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::breaker::BreakerConfig;
+use crate::limiter::BreakerConfig;
 use crate::limiter::OnStoreError;
 use crate::limiter::guarded::{Guard, GuardedStore};
 use crate::limiter::wait::{self, Refused};
