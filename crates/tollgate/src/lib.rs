@@ -19,6 +19,36 @@ pub use tollgate_core as core;
 
 pub use limiter::Limiter;
 
+/// The server layer, [`inbound::RateLimitLayer`]: limits the requests a server *receives*.
+///
+/// The same type under a name that cannot be mistaken for the client layer's where both are in
+/// scope; the module path (`inbound::RateLimitLayer`) works as well.
+pub type InboundRateLimitLayer<K> = inbound::RateLimitLayer<K>;
+
+/// The client layer, [`outbound::RateLimitLayer`]: limits the requests a client *sends*.
+///
+/// The same type under a name that cannot be mistaken for the server layer's where both are in
+/// scope; the module path (`outbound::RateLimitLayer`) works as well.
+///
+/// ```
+/// use tollgate::core::Quota;
+/// use tollgate::http::TrustedProxies;
+/// use tollgate::inbound::{ClientIp, Policy};
+/// use tollgate::outbound::Bucket;
+/// use tollgate::{InboundRateLimitLayer, OutboundRateLimitLayer};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let policy = Policy::builder().tier("anonymous", Quota::per_minute(60)?).build()?;
+/// let server = InboundRateLimitLayer::builder(policy, ClientIp::new("anonymous", TrustedProxies::none()))
+///     .build()?;
+/// let client = OutboundRateLimitLayer::builder(Bucket::new("upstream", Quota::per_second(10)?).fixed())
+///     .build();
+/// # let _ = (server, client);
+/// # Ok(())
+/// # }
+/// ```
+pub type OutboundRateLimitLayer<Sel> = outbound::RateLimitLayer<Sel>;
+
 #[cfg(feature = "yaml")]
 pub mod config;
 pub mod http;

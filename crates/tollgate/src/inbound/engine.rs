@@ -8,9 +8,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use tollgate_core::{Decision, Limit, Outcome, Verdict};
 
+use super::denied::DeniedCache;
 use super::identity::{Identity, Rejection, TIER_KEY_EXTRA};
 use super::policy::{LimitInfo, Policy, PolicyHandle, Tier};
-use super::denied::DeniedCache;
 use crate::http::headers::{self, HeaderMode};
 use crate::http::key::fingerprint;
 use crate::http::problem;

@@ -155,7 +155,6 @@ impl LimiterBuilder {
     }
 }
 
-
 impl Limiter {
     /// Starts a limiter.
     pub fn builder() -> LimiterBuilder {
@@ -246,7 +245,11 @@ impl Limiter {
     }
 
     /// The store keys and quotas of `limits` for `identity`, checked.
-    pub(super) fn keys(&self, limits: &[&str], identity: &str) -> Result<Vec<(String, Quota)>, LimitError> {
+    pub(super) fn keys(
+        &self,
+        limits: &[&str],
+        identity: &str,
+    ) -> Result<Vec<(String, Quota)>, LimitError> {
         if identity.is_empty() {
             return Err(LimitError::InvalidIdentity {
                 reason: "it is empty",
@@ -294,4 +297,3 @@ impl Limiter {
         LimitError::RateLimited(limited)
     }
 }
-

@@ -28,7 +28,6 @@ pub struct Grant {
     pub store_error: bool,
 }
 
-
 /// A call over one or more limits of one identity: see [`Limiter::request`].
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
