@@ -10,8 +10,10 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::engine::{After, Next, Plan, Shared};
+use super::decide::Shared;
+use super::decision::{After, Next, Planned};
 use super::identity::{Identity, Rejection};
+use super::plan::Plan;
 use super::policy::Policy;
 use crate::http::body::ResponseBody;
 
@@ -173,8 +175,8 @@ where
                             response: Some(p.shared.reject(&rejection)),
                         },
                         Ok(identity) => match p.shared.plan(policy, identity, &p.request) {
-                            Ok(next) => Self::advance(next, p),
-                            Err(plan) => State::Decide {
+                            Planned::Decided(next) => Self::advance(next, p),
+                            Planned::ToDecide(plan) => State::Decide {
                                 decision: Box::pin(Arc::clone(&p.shared).decide(plan)),
                                 pending: Some(p),
                             },

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tollgate_core::{DynStore, MemoryStore, Store};
 use tower_layer::Layer;
 
+use super::decide::Shared;
 use super::denied::DeniedCache;
-use super::engine::Shared;
 use super::error::BuildError;
 use super::identity::{ApiKeys, ClientIp, Global, HeaderValueKey};
 use super::policy::{Policy, PolicyHandle};

@@ -51,17 +51,20 @@
 //! caller's identity and the store answer at once (the built-in extractors with `MemoryStore`),
 //! else in the response future.
 
+mod decide;
+mod decision;
 mod denied;
-mod engine;
 mod error;
 mod future;
 mod identity;
 mod layer;
+mod plan;
 mod policy;
+mod response;
 mod service;
 
 pub use crate::limiter::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
-pub use engine::RateLimitDecision;
+pub use decision::RateLimitDecision;
 pub use error::BuildError;
 pub use future::ResponseFuture;
 pub use identity::{
