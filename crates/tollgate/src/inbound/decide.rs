@@ -120,16 +120,16 @@ impl Shared {
         let (limits, n) = plan.limits();
         match self.store.decide_now(&limits[..n]) {
             Some(answer) => Planned::Decided(self.finish(plan, answer)),
-            None => Planned::ToDecide(Box::new(plan)),
+            None => Planned::ToDecide(plan),
         }
     }
 
     /// Decides a plan on a store that does I/O, under the breaker, the timeout and the failure
     /// policy.
-    pub(crate) async fn decide(self: Arc<Self>, plan: Box<Plan>) -> Next {
+    pub(crate) async fn decide(self: Arc<Self>, plan: Plan) -> Next {
         let (limits, n) = plan.limits();
         let answer = self.store.decide(&limits[..n]).await;
-        self.finish(*plan, answer)
+        self.finish(plan, answer)
     }
 
     /// Turns the store's (or the failure policy's) answer into what to do with the request.

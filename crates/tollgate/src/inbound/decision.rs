@@ -32,7 +32,7 @@ pub(crate) enum Planned {
     Decided(Next),
     /// The store does I/O: the response future decides the plan
     /// ([`Shared::decide`](super::decide::Shared::decide)).
-    ToDecide(Box<Plan>),
+    ToDecide(Plan),
 }
 
 /// What to do with the request.

@@ -136,12 +136,7 @@ impl<F, S, B, KF> ResponseFuture<F, S, B, KF> {
     }
 
     /// To decide on a store that does I/O.
-    pub(crate) fn deciding(
-        plan: Box<Plan>,
-        inner: S,
-        request: Request<B>,
-        shared: Arc<Shared>,
-    ) -> Self {
+    pub(crate) fn deciding(plan: Plan, inner: S, request: Request<B>, shared: Arc<Shared>) -> Self {
         ResponseFuture {
             state: State::Decide {
                 decision: Box::pin(Arc::clone(&shared).decide(plan)),
