@@ -1,7 +1,7 @@
 //! The plain [`Limiter`]: rate-limit any work, not only HTTP stacks: an SDK call, a webhook
 //! delivery, a queue consumer.
 //!
-//! A limiter holds **named limits**, each a [`Quota`], over a store (this process's memory by
+//! A limiter holds **named limits**, each a [`Quota`](tollgate_core::Quota), over a store (this process's memory by
 //! default, or Redis to share the limits with a fleet). A call names a limit (or several) and an
 //! **identity** (`"workspace-a"`, `"tenant-7:channel-3"`), and is decided all or nothing:
 //!
@@ -44,7 +44,7 @@
 //! identity shares the hash tag `{ID}`, so on Redis Cluster they live in one slot and a call
 //! over several of them is one atomic script call. The identity is kept exactly (no lossy
 //! decoding); one longer than 128 bytes is replaced by its 128-bit fingerprint, as inbound keys
-//! are ([`bounded_key`]); an empty one, or one over
+//! are ([`bounded_key`](crate::http::key::bounded_key)); an empty one, or one over
 //! [`MAX_IDENTITY_LEN`] bytes, is an error.
 //!
 //! # Failures
@@ -67,14 +67,17 @@ pub(crate) mod wait;
 
 mod blocking;
 mod error;
+mod limits;
 mod plain;
 mod request;
 mod reserved;
+mod runtime;
 
 pub use blocking::{Blocking, BlockingRequest};
 pub use breaker::BreakerConfig;
 pub use error::{LimitError, RateLimited};
 pub use guarded::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
-pub use plain::{Limiter, LimiterBuilder, MAX_IDENTITY_LEN};
+pub use limits::MAX_IDENTITY_LEN;
+pub use plain::{Limiter, LimiterBuilder};
 pub use request::{Grant, Request};
 pub use reserved::Reserved;

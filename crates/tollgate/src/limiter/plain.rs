@@ -6,42 +6,25 @@ use std::time::Duration;
 
 use tollgate_core::{Decision, DynStore, MemoryStore, Quota, Store};
 
-use super::blocking::{self, Blocking};
+use super::blocking::Blocking;
 use super::breaker::BreakerConfig;
-use super::error::{LimitError, RateLimited};
+use super::error::LimitError;
 use super::guarded::{DEFAULT_STORE_TIMEOUT, Guard, GuardedStore, MAX_STORE_TIMEOUT, OnStoreError};
+use super::limits::Limits;
 use super::request::{Grant, Request};
 use super::reserved::Reserved;
-use super::wait;
-use crate::http::key::bounded_key;
-use crate::metrics as m;
+use super::runtime::OwnRuntime;
 
-/// The longest identity accepted, in bytes; longer ones are refused ([`LimitError::InvalidIdentity`]).
-pub const MAX_IDENTITY_LEN: usize = 4096;
-
-/// Limits any work by named limits and identities: see the [module docs](self). Cheap to clone;
+/// Limits any work by named limits and identities: see the [module docs](super). Cheap to clone;
 /// clones share one store and one set of limits.
 #[derive(Clone)]
 pub struct Limiter {
-    pub(super) inner: Arc<Inner>,
-}
-
-pub(super) struct Inner {
-    pub(super) store: Arc<GuardedStore>,
-    limits: HashMap<Arc<str>, Quota>,
-    /// The runtime of the blocking forms, started on first use (or by
-    /// [`LimiterBuilder::store_with`]).
-    pub(super) runtime: std::sync::OnceLock<blocking::OwnRuntime>,
+    inner: Arc<Limits>,
 }
 
 impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut names: Vec<&str> = self.inner.limits.keys().map(|n| &**n).collect();
-        names.sort_unstable();
-        f.debug_struct("Limiter")
-            .field("limits", &names)
-            .field("store", &self.inner.store.kind())
-            .finish_non_exhaustive()
+        std::fmt::Debug::fmt(&self.inner, f)
     }
 }
 
@@ -50,7 +33,7 @@ pub struct LimiterBuilder {
     limits: Vec<(String, Quota)>,
     store: Option<Arc<dyn DynStore>>,
     guard: Guard,
-    runtime: Option<blocking::OwnRuntime>,
+    runtime: Option<OwnRuntime>,
 }
 
 impl std::fmt::Debug for LimiterBuilder {
@@ -95,7 +78,7 @@ impl LimiterBuilder {
     {
         let runtime = match self.runtime.take() {
             Some(runtime) => runtime,
-            None => blocking::OwnRuntime::start()?,
+            None => OwnRuntime::start()?,
         };
         let store = {
             let _entered = runtime.get()?.enter();
@@ -141,16 +124,12 @@ impl LimiterBuilder {
             }
         }
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
-        let runtime = std::sync::OnceLock::new();
-        if let Some(own) = self.runtime {
-            let _ = runtime.set(own);
-        }
         Ok(Limiter {
-            inner: Arc::new(Inner {
-                store: Arc::new(GuardedStore::new(store, self.guard)),
+            inner: Arc::new(Limits::new(
+                Arc::new(GuardedStore::new(store, self.guard)),
                 limits,
-                runtime,
-            }),
+                self.runtime,
+            )),
         })
     }
 }
@@ -174,22 +153,17 @@ impl Limiter {
     /// The blocking forms of the calls, for synchronous code with no async runtime of its own
     /// (an SDK hook, a thread pool): see [`Blocking`].
     pub fn blocking(&self) -> Blocking<'_> {
-        Blocking::new(self)
+        Blocking::new(&self.inner)
     }
 
     /// The quota of a limit, if there is one by that name.
     pub fn quota(&self, limit: &str) -> Option<&Quota> {
-        self.inner.limits.get(limit)
+        self.inner.quota(limit)
     }
 
     /// A call over several limits of one identity (all or nothing), with a cost.
     pub fn request<'a>(&'a self, limits: &'a [&'a str], identity: &'a str) -> Request<'a> {
-        Request {
-            limiter: self,
-            limits,
-            identity,
-            cost: 1,
-        }
+        Request::new(&self.inner, limits, identity)
     }
 
     /// Decides one call of `identity` under `limit` now.
@@ -198,7 +172,7 @@ impl Limiter {
     }
 
     /// Waits up to `max_wait` for `identity`'s turn under `limit`. When the wait would be longer,
-    /// fails at once with [`RateLimited`], consuming nothing; dropping the future while it waits
+    /// fails at once with [`RateLimited`](super::RateLimited), consuming nothing; dropping the future while it waits
     /// gives its place back.
     ///
     /// The [`Grant`]'s figures are read back from the store after the wait (one store call more
@@ -232,68 +206,12 @@ impl Limiter {
         identity: &str,
         duration: Duration,
     ) -> Result<(), LimitError> {
-        let keys = self.keys(&[limit], identity)?;
-        let (key, quota) = &keys[0];
-        wait::pause(&self.inner.store, key, quota, duration).await;
-        Ok(())
+        self.inner.pause(limit, identity, duration).await
     }
 
     /// Where `identity` stands under `limit`, charging nothing: `remaining` is how many unit-cost
     /// calls would pass now, `reset_after` when the limit is whole again.
     pub async fn peek(&self, limit: &str, identity: &str) -> Result<Decision, LimitError> {
         self.request(&[limit], identity).cost(0).peek().await
-    }
-
-    /// The store keys and quotas of `limits` for `identity`, checked.
-    pub(super) fn keys(
-        &self,
-        limits: &[&str],
-        identity: &str,
-    ) -> Result<Vec<(String, Quota)>, LimitError> {
-        if identity.is_empty() {
-            return Err(LimitError::InvalidIdentity {
-                reason: "it is empty",
-            });
-        }
-        if identity.len() > MAX_IDENTITY_LEN {
-            return Err(LimitError::InvalidIdentity {
-                reason: "it is longer than MAX_IDENTITY_LEN bytes",
-            });
-        }
-        if limits.is_empty() {
-            return Err(LimitError::NoLimit);
-        }
-        let id = bounded_key(identity);
-        limits
-            .iter()
-            .map(|name| {
-                let quota =
-                    self.inner
-                        .limits
-                        .get(*name)
-                        .ok_or_else(|| LimitError::UnknownLimit {
-                            name: (*name).to_owned(),
-                        })?;
-                let mut key = String::with_capacity(id.len() + name.len() + 5);
-                key.push('{');
-                key.push_str(&id);
-                key.push_str("}:l:");
-                key.push_str(name);
-                Ok((key, *quota))
-            })
-            .collect()
-    }
-
-    /// The name the limiter holds for `name` (shared, for errors and metrics).
-    pub(super) fn name(&self, name: &str) -> Arc<str> {
-        self.inner
-            .limits
-            .get_key_value(name)
-            .map_or_else(|| name.into(), |(k, _)| Arc::clone(k))
-    }
-
-    pub(super) fn rejected(&self, limited: RateLimited) -> LimitError {
-        metrics::counter!(m::REJECTIONS_TOTAL, "limit" => Arc::clone(&limited.limit)).increment(1);
-        LimitError::RateLimited(limited)
     }
 }

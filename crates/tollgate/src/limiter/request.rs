@@ -7,7 +7,7 @@ use tollgate_core::{Decision, Limit, Quota, Reserve, Verdict};
 
 use super::error::{LimitError, RateLimited};
 use super::guarded::Guarded;
-use super::plain::Limiter;
+use super::limits::Limits;
 use super::reserved::Reserved;
 use super::wait::{self, Place, Refused};
 use crate::metrics as m;
@@ -22,22 +22,32 @@ pub struct Grant {
     /// The time until the limit is whole again if nothing else arrives.
     pub reset_after: Duration,
     /// For a shaping (leaky bucket) limit, how long the call must wait for its turn before it
-    /// goes ([`check`](Limiter::check) does not wait; [`acquire`](Limiter::acquire) did).
+    /// goes ([`check`](super::Limiter::check) does not wait; [`acquire`](super::Limiter::acquire) did).
     pub delay: Duration,
     /// Whether the store failed and the failure policy let the call through (`fail_open`).
     pub store_error: bool,
 }
 
-/// A call over one or more limits of one identity: see [`Limiter::request`].
+/// A call over one or more limits of one identity: see [`Limiter::request`](super::Limiter::request).
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    pub(super) limiter: &'a Limiter,
-    pub(super) limits: &'a [&'a str],
-    pub(super) identity: &'a str,
-    pub(super) cost: u32,
+    limiter: &'a Limits,
+    limits: &'a [&'a str],
+    identity: &'a str,
+    cost: u32,
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
+    /// A call of `identity` over `limits`, cost 1.
+    pub(super) fn new(limiter: &'a Limits, limits: &'a [&'a str], identity: &'a str) -> Self {
+        Request {
+            limiter,
+            limits,
+            identity,
+            cost: 1,
+        }
+    }
+
     /// What the call costs under each of its limits (default 1). A cost above what a limit can
     /// ever hold is [`LimitError::CostTooHigh`].
     pub fn cost(mut self, cost: u32) -> Self {
@@ -64,18 +74,18 @@ impl Request<'_> {
     pub async fn check(self) -> Result<Grant, LimitError> {
         let keys = self.prepare()?;
         let limits = as_limits(&keys, self.cost);
-        match self.limiter.inner.store.decide(&limits).await {
+        match self.limiter.store.decide(&limits).await {
             Guarded::Store(verdict) | Guarded::Local(verdict) => self.answer(&verdict),
             Guarded::Open => Ok(self.open()),
             Guarded::Closed => Err(LimitError::Unavailable),
         }
     }
 
-    /// Waits up to `max_wait` for room in every limit: see [`Limiter::acquire`].
+    /// Waits up to `max_wait` for room in every limit: see [`Limiter::acquire`](super::Limiter::acquire).
     pub async fn acquire(self, max_wait: Duration) -> Result<Grant, LimitError> {
         let keys = self.prepare()?;
         let limits = as_limits(&keys, self.cost);
-        let store = &self.limiter.inner.store;
+        let store = &self.limiter.store;
         match wait::acquire(store, &limits, max_wait).await {
             Ok(waited) => {
                 for name in self.limits {
@@ -115,7 +125,7 @@ impl Request<'_> {
     pub async fn reserve(self, max_wait: Duration) -> Result<Reserved, LimitError> {
         let keys = self.prepare()?;
         let limits = as_limits(&keys, self.cost);
-        let store = &self.limiter.inner.store;
+        let store = &self.limiter.store;
         let (reserve, local) = match store.reserve(&limits, max_wait).await {
             Guarded::Store(reserve) => (reserve, false),
             Guarded::Local(reserve) => (reserve, true),
@@ -151,7 +161,7 @@ impl Request<'_> {
     pub async fn peek(self) -> Result<Decision, LimitError> {
         let keys = self.prepare()?;
         let limits = as_limits(&keys, self.cost);
-        match self.limiter.inner.store.peek(&limits).await {
+        match self.limiter.store.peek(&limits).await {
             Guarded::Store(verdict) | Guarded::Local(verdict) => verdict
                 .binding()
                 .map(|(_, d)| *d)

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::wait::Place;
 
-/// A place in line ([`Limiter::reserve`]): the call may go [`delay`](Self::delay) from now.
+/// A place in line ([`Limiter::reserve`](super::Limiter::reserve)): the call may go [`delay`](Self::delay) from now.
 /// [`wait`](Self::wait) for it, or [`commit`](Self::commit) to keep it and time the call
 /// yourself; [`cancel`](Self::cancel) it, or drop it unused, and the place is given back (when
 /// nobody reserved after it).

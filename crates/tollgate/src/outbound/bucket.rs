@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tollgate_core::Quota;
 
-use super::service::OutboundRequest;
+use super::request::OutboundRequest;
 
 /// One bucket a call draws from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,18 +8,10 @@ use tollgate_core::{DynStore, MemoryStore, Store};
 use tower_layer::Layer;
 
 use super::failures::{Failures, UpstreamBreaker};
-use super::service::{RateLimit, Shared};
+use super::send::{Mode, Shared};
+use super::service::RateLimit;
 use crate::limiter::guarded::{Guard, GuardedStore};
 use crate::limiter::{BreakerConfig, OnStoreError};
-
-/// How a call waits for its bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Wait for a place, up to this long; beyond it fail at once with [`RateLimited`].
-    Wait(Duration),
-    /// Never wait: fail with [`RateLimited`] when there is no room now.
-    Reject,
-}
 
 /// Rate-limits the calls of the client services it wraps. Clones share one state.
 #[derive(Clone)]

@@ -11,7 +11,7 @@ use reqwest_middleware::{Middleware, Next};
 use super::bucket::SelectBuckets;
 use super::error::{BoxError, Error};
 use super::layer::RateLimitLayer;
-use super::service::{Sender, Shared};
+use super::send::{Sender, Shared};
 
 /// The outbound layer's behaviour (waits for the buckets, pauses on a 429 or a quota used up,
 /// retries a refused call, the upstream failure breaker) as a `reqwest-middleware` middleware.

@@ -16,8 +16,8 @@
 //! anything else is the inner service's error. `Error` implements [`std::error::Error`], so `?`
 //! turns it into the `Box<dyn std::error::Error>` of a typical `main` (or a `tower::BoxError`).
 //!
-//! With a [`RedisStore`](tollgate_redis::RedisStore) every process draws from the same buckets;
-//! with the default [`MemoryStore`](tollgate_core::MemoryStore), one process.
+//! With a `RedisStore` (feature `redis`) every process draws from the same buckets; with the
+//! default [`MemoryStore`](tollgate_core::MemoryStore), one process.
 //!
 //! **Adaptive**: every response is read. A `429` (or a `503` with `Retry-After`) pauses all the
 //! request's buckets, fleet-wide through Redis, until the time the upstream gave (`Retry-After`
@@ -73,9 +73,10 @@
 //! }
 //! ```
 //!
-//! Without the feature `reqwest`, the compiler says `reqwest::Request` is not an
-//! [`OutboundRequest`] and names the feature to enable. To keep `client.get(url).send()`, use
-//! [`RateLimitMiddleware`] (feature `reqwest-middleware`).
+//! Without the feature `reqwest`, the compiler says "`reqwest::Request: OutboundRequest` not
+//! satisfied" ([`OutboundRequest`]; where it reports the bound itself, E0277, it also says to
+//! enable the feature). To keep `client.get(url).send()`, use `RateLimitMiddleware` (feature
+//! `reqwest-middleware`).
 //!
 //! # Two `RateLimitLayer`s
 //!
@@ -92,6 +93,8 @@ mod future;
 mod layer;
 #[cfg(feature = "reqwest-middleware")]
 mod middleware;
+mod request;
+mod send;
 mod service;
 mod upstream;
 
@@ -99,10 +102,12 @@ pub use bucket::{Bucket, FixedBuckets, PerHost, SelectBuckets};
 pub use error::{BoxError, Error, RateLimited, UpstreamUnavailable};
 pub use failures::UpstreamBreaker;
 pub use future::ResponseFuture;
-pub use layer::{DEFAULT_OUTBOUND_STORE_TIMEOUT, Mode, RateLimitLayer, RateLimitLayerBuilder};
+pub use layer::{DEFAULT_OUTBOUND_STORE_TIMEOUT, RateLimitLayer, RateLimitLayerBuilder};
 #[cfg(feature = "reqwest-middleware")]
 pub use middleware::RateLimitMiddleware;
-pub use service::{OutboundRequest, OutboundResponse, RateLimit};
+pub use request::{OutboundRequest, OutboundResponse};
+pub use send::Mode;
+pub use service::RateLimit;
 pub use upstream::{
     MAX_PAUSE, UpstreamSignal, parse_http_date, parse_retry_after, reset_delay, signal,
 };
