@@ -9,7 +9,7 @@
 //!   stand on (timeout, circuit breaker, failure policy);
 //! * [`config`] (feature `yaml`): the YAML configuration;
 //! * the building blocks, each usable on its own: [`http`] (`RateLimit`, `X-RateLimit-*`,
-//!   `Retry-After`, problem+json, the client behind trusted proxies, bounded keys), [`breaker`]
+//!   `Retry-After`, problem+json, the client behind trusted proxies, bounded keys), [`limiter::breaker`]
 //!   (the circuit breaker), [`metrics`] (the metric names).
 //!
 //! The algorithms and stores live in `tollgate-core` (re-exported as [`core`]) and
@@ -19,10 +19,38 @@ pub use tollgate_core as core;
 
 pub use limiter::Limiter;
 
-pub mod breaker;
+/// The server layer, [`inbound::RateLimitLayer`]: limits the requests a server *receives*.
+///
+/// The same type under a name that cannot be mistaken for the client layer's where both are in
+/// scope; the module path (`inbound::RateLimitLayer`) works as well.
+pub type InboundRateLimitLayer<K> = inbound::RateLimitLayer<K>;
+
+/// The client layer, [`outbound::RateLimitLayer`]: limits the requests a client *sends*.
+///
+/// The same type under a name that cannot be mistaken for the server layer's where both are in
+/// scope; the module path (`outbound::RateLimitLayer`) works as well.
+///
+/// ```
+/// use tollgate::core::Quota;
+/// use tollgate::http::TrustedProxies;
+/// use tollgate::inbound::{ClientIp, Policy};
+/// use tollgate::outbound::Bucket;
+/// use tollgate::{InboundRateLimitLayer, OutboundRateLimitLayer};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let policy = Policy::builder().tier("anonymous", Quota::per_minute(60)?).build()?;
+/// let server = InboundRateLimitLayer::builder(policy, ClientIp::new("anonymous", TrustedProxies::none()))
+///     .build()?;
+/// let client = OutboundRateLimitLayer::builder(Bucket::new("upstream", Quota::per_second(10)?).fixed())
+///     .build();
+/// # let _ = (server, client);
+/// # Ok(())
+/// # }
+/// ```
+pub type OutboundRateLimitLayer<Sel> = outbound::RateLimitLayer<Sel>;
+
 #[cfg(feature = "yaml")]
 pub mod config;
-mod denied;
 pub mod http;
 pub mod inbound;
 pub mod limiter;

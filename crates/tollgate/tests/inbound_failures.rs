@@ -19,9 +19,9 @@ use axum::routing::get;
 use metrics::{
     Counter, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
-use tollgate::breaker::BreakerConfig;
 use tollgate::core::Quota;
 use tollgate::inbound::{OnStoreError, Policy, RateLimitDecision, RateLimitLayer};
+use tollgate::limiter::BreakerConfig;
 use tollgate::metrics as m;
 use tollgate::redis::RedisStore;
 use tollgate_testkit::RedisServer;

@@ -34,7 +34,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use metrics_util::debugging::DebugValue;
 use tollgate::core::{DynStore, MemoryStore, Quota};
-use tollgate::outbound::{BoxError, Bucket, FixedBuckets, RateLimit, RateLimitLayer, RateLimited};
+use tollgate::outbound::{Bucket, Error, FixedBuckets, RateLimit, RateLimitLayer, RateLimited};
 use tollgate::redis::RedisStore;
 use tollgate_testkit::RedisServer;
 use tower::{Layer, ServiceExt};
@@ -221,19 +221,23 @@ fn client(layer: RateLimitLayer<FixedBuckets>) -> Client {
     layer.layer(http)
 }
 
-async fn get(client: &Client, url: &str) -> Result<reqwest::Response, BoxError> {
+async fn get(client: &Client, url: &str) -> Result<reqwest::Response, Error> {
     let request = reqwest::Request::new(reqwest::Method::GET, url.parse().expect("a URL"));
     client.clone().oneshot(request).await
 }
 
 /// The error of a call that must have been refused locally.
-fn rate_limited(result: Result<reqwest::Response, BoxError>) -> RateLimited {
+fn rate_limited(result: Result<reqwest::Response, Error>) -> RateLimited {
     match result {
         Ok(response) => panic!("expected RateLimited, got {}", response.status()),
-        Err(e) => e
-            .downcast_ref::<RateLimited>()
-            .unwrap_or_else(|| panic!("expected RateLimited, got {e}"))
-            .clone(),
+        Err(e) => {
+            assert!(e.is_rate_limited(), "expected RateLimited, got {e}");
+            // The same refusal, however it is asked for.
+            assert_eq!(e.rate_limited(), e.downcast_ref::<RateLimited>());
+            e.rate_limited()
+                .unwrap_or_else(|| panic!("expected RateLimited, got {e}"))
+                .clone()
+        }
     }
 }
 
@@ -446,7 +450,8 @@ async fn local_refusals_are_fast_typed_and_not_transport_errors() {
     let err = get(&open, &format!("http://{closed}/"))
         .await
         .expect_err("nothing listens there");
-    assert!(!err.is::<RateLimited>(), "{err}");
+    assert!(!err.is_rate_limited() && !err.is::<RateLimited>(), "{err}");
+    assert!(err.upstream_unavailable().is_none(), "{err}");
     let transport = err
         .downcast_ref::<reqwest::Error>()
         .unwrap_or_else(|| panic!("a reqwest error, got {err}"));
@@ -886,9 +891,11 @@ async fn the_upstream_breaker_opens_stays_open_and_half_opens() {
     let opened = Instant::now();
     for _ in 0..5 {
         let e = get(&client, &url).await.expect_err("the breaker is open");
+        assert!(!e.is_rate_limited(), "{e}");
         let open = e
-            .downcast_ref::<UpstreamUnavailable>()
+            .upstream_unavailable()
             .unwrap_or_else(|| panic!("not UpstreamUnavailable: {e}"));
+        assert_eq!(e.downcast_ref::<UpstreamUnavailable>(), Some(open));
         assert_eq!(open.bucket, "flaky:api");
         assert!(open.retry_after <= Duration::from_millis(500), "{open:?}");
     }

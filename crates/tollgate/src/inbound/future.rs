@@ -10,8 +10,10 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::engine::{After, Next, Plan, Shared};
+use super::decide::Shared;
+use super::decision::{After, Next, Planned};
 use super::identity::{Identity, Rejection};
+use super::plan::Plan;
 use super::policy::Policy;
 use crate::http::body::ResponseBody;
 
@@ -134,12 +136,7 @@ impl<F, S, B, KF> ResponseFuture<F, S, B, KF> {
     }
 
     /// To decide on a store that does I/O.
-    pub(crate) fn deciding(
-        plan: Box<Plan>,
-        inner: S,
-        request: Request<B>,
-        shared: Arc<Shared>,
-    ) -> Self {
+    pub(crate) fn deciding(plan: Plan, inner: S, request: Request<B>, shared: Arc<Shared>) -> Self {
         ResponseFuture {
             state: State::Decide {
                 decision: Box::pin(Arc::clone(&shared).decide(plan)),
@@ -173,8 +170,8 @@ where
                             response: Some(p.shared.reject(&rejection)),
                         },
                         Ok(identity) => match p.shared.plan(policy, identity, &p.request) {
-                            Ok(next) => Self::advance(next, p),
-                            Err(plan) => State::Decide {
+                            Planned::Decided(next) => Self::advance(next, p),
+                            Planned::ToDecide(plan) => State::Decide {
                                 decision: Box::pin(Arc::clone(&p.shared).decide(plan)),
                                 pending: Some(p),
                             },

@@ -6,13 +6,13 @@ use std::time::Duration;
 use tollgate_core::{DynStore, MemoryStore, Store};
 use tower_layer::Layer;
 
-use super::engine::Shared;
+use super::decide::Shared;
+use super::denied::DeniedCache;
 use super::error::BuildError;
 use super::identity::{ApiKeys, ClientIp, Global, HeaderValueKey};
 use super::policy::{Policy, PolicyHandle};
 use super::service::RateLimit;
-use crate::breaker::BreakerConfig;
-use crate::denied::DeniedCache;
+use crate::limiter::BreakerConfig;
 use crate::limiter::guarded::{Guard, GuardedStore};
 use crate::limiter::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
 

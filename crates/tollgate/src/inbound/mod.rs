@@ -50,17 +50,29 @@
 //! no `HandleErrorLayer`. `poll_ready` only forwards. The decision is made in `call` when the
 //! caller's identity and the store answer at once (the built-in extractors with `MemoryStore`),
 //! else in the response future.
+//!
+//! # Two `RateLimitLayer`s
+//!
+//! This module's [`RateLimitLayer`] limits the requests a server *receives*;
+//! [`outbound::RateLimitLayer`](crate::outbound::RateLimitLayer) limits the requests a client
+//! *sends*. Where both are in scope, write the module path (`inbound::RateLimitLayer`) or use the
+//! crate root's aliases [`InboundRateLimitLayer`](crate::InboundRateLimitLayer) and
+//! [`OutboundRateLimitLayer`](crate::OutboundRateLimitLayer).
 
-mod engine;
+mod decide;
+mod decision;
+mod denied;
 mod error;
 mod future;
 mod identity;
 mod layer;
+mod plan;
 mod policy;
+mod response;
 mod service;
 
 pub use crate::limiter::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
-pub use engine::RateLimitDecision;
+pub use decision::RateLimitDecision;
 pub use error::BuildError;
 pub use future::ResponseFuture;
 pub use identity::{

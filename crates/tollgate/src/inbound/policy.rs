@@ -1,11 +1,11 @@
 //! [`Policy`]: what the inbound layer enforces — tiers, per-route costs and limits, the
 //! whole-service limit, headers, shadow mode and exemptions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock};
 
+use arc_swap::ArcSwap;
 use http::Method;
 use tollgate_core::Quota;
 
@@ -162,9 +162,8 @@ pub enum PolicyError {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// The tiers, in the order given; found by name with a scan (see [`Policy::tier_index`]).
     tiers: Vec<Tier>,
-    /// Tier name to index in `tiers`.
-    tier_index: HashMap<Arc<str>, usize, BuildHasherDefault<TierHasher>>,
     routes: Vec<Route>,
     /// The own limit of each route (same index as `routes`), if it has one.
     route_limits: Vec<Option<Arc<LimitInfo>>>,
@@ -214,44 +213,6 @@ impl LimitInfo {
             name,
             quota,
         })
-    }
-}
-
-/// The hash of the tier table, looked up on every request: a multiply-rotate hash (FxHash's),
-/// much cheaper than SipHash on short names. Its keys come from the configuration, never from
-/// requests, so a keyed hash resisting collision attacks buys nothing here.
-#[derive(Debug, Default, Clone, Copy)]
-struct TierHasher(u64);
-
-impl TierHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for TierHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            let mut buf = [0; 8];
-            buf.copy_from_slice(word);
-            self.add(u64::from_le_bytes(buf));
-        }
-        let rest = words.remainder();
-        if !rest.is_empty() {
-            let mut buf = [0; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(buf));
-        }
-    }
-
-    fn write_u8(&mut self, byte: u8) {
-        self.add(u64::from(byte));
-    }
-
-    fn finish(&self) -> u64 {
-        // The table picks buckets by the low bits: bring the well-mixed high bits down.
-        self.0.rotate_left(26)
     }
 }
 
@@ -312,11 +273,9 @@ impl PolicyBuilder {
 
     /// Checks and builds the policy.
     pub fn build(self) -> Result<Policy, PolicyError> {
-        let mut tiers = Vec::with_capacity(self.tiers.len());
-        let mut tier_index =
-            HashMap::with_capacity_and_hasher(self.tiers.len(), BuildHasherDefault::default());
+        let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
         for (name, quota) in self.tiers {
-            if tier_index.insert(Arc::clone(&name), tiers.len()).is_some() {
+            if tiers.iter().any(|t| t.limit.name == name) {
                 return Err(PolicyError::DuplicateTier(name.to_string()));
             }
             tiers.push(Tier {
@@ -345,7 +304,6 @@ impl PolicyBuilder {
             .collect();
         Ok(Policy {
             tiers,
-            tier_index,
             routes: self.routes,
             route_limits,
             global: self
@@ -373,12 +331,12 @@ impl Policy {
     }
 
     /// The index of a tier, for [`tier_at`](Policy::tier_at).
+    ///
+    /// A scan, not a map: a policy has a handful of tiers (`anonymous`, `free`, `basic`, `pro`,
+    /// ...: quota classes, not callers), and comparing a few short names is cheaper than hashing
+    /// one, with nothing to keep in step with `tiers`.
     pub(crate) fn tier_index(&self, name: &str) -> Option<usize> {
-        // A few names are compared faster than one is hashed.
-        if self.tiers.len() <= 8 {
-            return self.tiers.iter().position(|t| *t.limit.name == *name);
-        }
-        self.tier_index.get(name).copied()
+        self.tiers.iter().position(|t| *t.limit.name == *name)
     }
 
     /// The tier at `index` (from [`tier_index`](Policy::tier_index)).
@@ -443,28 +401,31 @@ impl Policy {
 }
 
 /// A shared, replaceable [`Policy`]: the layer reads it on every request; a reload swaps it.
+///
+/// Clones share one slot. Reading it takes no lock (an [`ArcSwap`]), so requests never wait for
+/// each other or for a reload.
 #[derive(Debug, Clone)]
 pub struct PolicyHandle {
-    current: Arc<RwLock<Arc<Policy>>>,
+    current: Arc<ArcSwap<Policy>>,
 }
 
 impl PolicyHandle {
     /// A handle holding `policy`.
     pub fn new(policy: Policy) -> PolicyHandle {
         PolicyHandle {
-            current: Arc::new(RwLock::new(Arc::new(policy))),
+            current: Arc::new(ArcSwap::from_pointee(policy)),
         }
     }
 
     /// The policy in force.
     pub fn get(&self) -> Arc<Policy> {
-        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+        self.current.load_full()
     }
 
     /// Replaces the policy; requests already in flight finish with the old one. Bucket state is
     /// kept (keys do not depend on the quotas).
     pub fn set(&self, policy: Policy) {
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+        self.current.store(Arc::new(policy));
     }
 }
 
@@ -526,10 +487,42 @@ mod tests {
     }
 
     #[test]
+    fn tiers_are_found_by_name_however_many() {
+        let q = Quota::per_second(1).unwrap();
+        let names: Vec<String> = (0..40).map(|i| format!("tier-{i}")).collect();
+        let policy = names
+            .iter()
+            .fold(Policy::builder(), |b, name| b.tier(name, q))
+            .build()
+            .unwrap();
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(policy.tier_index(name), Some(i));
+            assert_eq!(policy.tier(name).map(|(n, _)| &**n), Some(name.as_str()));
+        }
+        assert_eq!(policy.tier_index("tier-40"), None);
+        assert_eq!(policy.tier_index(""), None);
+        // A duplicate far down the list is still one.
+        let twice = names
+            .iter()
+            .chain(std::iter::once(&names[30]))
+            .fold(Policy::builder(), |b, name| b.tier(name, q))
+            .build();
+        assert_eq!(
+            twice.unwrap_err(),
+            PolicyError::DuplicateTier("tier-30".into())
+        );
+    }
+
+    #[test]
     fn handle_swaps() {
         let handle = PolicyHandle::new(Policy::builder().build().unwrap());
         assert!(!handle.get().is_shadow());
+        let clone = handle.clone();
+        let before = handle.get();
         handle.set(Policy::builder().shadow(true).build().unwrap());
         assert!(handle.get().is_shadow());
+        // Every clone sees the new one; a policy taken before keeps the old one.
+        assert!(clone.get().is_shadow());
+        assert!(!before.is_shadow());
     }
 }

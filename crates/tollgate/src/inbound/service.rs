@@ -6,7 +6,8 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::engine::{Next, Shared};
+use super::decide::Shared;
+use super::decision::{Next, Planned};
 use super::future::ResponseFuture;
 use super::identity::KeyExtractor;
 use crate::http::body::ResponseBody;
@@ -96,7 +97,7 @@ where
                 Err(rejection) => return ResponseFuture::respond(self.shared.reject(&rejection)),
             };
             return match self.shared.plan(policy, identity, &request) {
-                Ok(Next::Forward {
+                Planned::Decided(Next::Forward {
                     after,
                     delay,
                     extension,
@@ -106,14 +107,14 @@ where
                     }
                     ResponseFuture::forwarded(self.inner.call(request), after)
                 }
-                Ok(Next::Respond(response)) => ResponseFuture::respond(response),
+                Planned::Decided(Next::Respond(response)) => ResponseFuture::respond(response),
                 // A delay (shaping) or a store that does I/O: the future calls the inner service
                 // later.
-                Ok(next) => {
+                Planned::Decided(next) => {
                     let inner = self.take_inner();
                     ResponseFuture::decided(next, inner, request, Arc::clone(&self.shared))
                 }
-                Err(plan) => {
+                Planned::ToDecide(plan) => {
                     let inner = self.take_inner();
                     ResponseFuture::deciding(plan, inner, request, Arc::clone(&self.shared))
                 }

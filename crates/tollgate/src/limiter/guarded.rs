@@ -12,7 +12,7 @@ use tollgate_core::{
     DynStore, Limit, MemoryStore, Quota, Reservation, Reserve, StoreError, Verdict,
 };
 
-use crate::breaker::{Admission, BreakerConfig, CircuitBreaker};
+use super::breaker::{Admission, BreakerConfig, CircuitBreaker};
 use crate::metrics as m;
 
 /// The default bound on one store call, failure policy included (the inbound layer's and the

@@ -2,13 +2,13 @@
 //! alone for a while, fleet-wide, instead of being hammered by retries.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tollgate_core::Limit;
 
-use super::Bucket;
+use super::bucket::Bucket;
+use super::error::UpstreamUnavailable;
 use crate::limiter::guarded::{Guarded, GuardedStore};
 use crate::metrics as m;
 
@@ -27,28 +27,6 @@ pub struct UpstreamBreaker {
     /// How long it stays open.
     pub recovery: Duration,
 }
-
-/// The call was not sent: its upstream failed too often lately and the breaker is open. Not a
-/// failure of this call; try again after `retry_after`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUnavailable {
-    /// The bucket whose upstream is left alone.
-    pub bucket: String,
-    /// When the breaker lets calls through again.
-    pub retry_after: Duration,
-}
-
-impl fmt::Display for UpstreamUnavailable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the upstream of bucket `{}` failed too often: left alone for {:?} more",
-            self.bucket, self.retry_after
-        )
-    }
-}
-
-impl std::error::Error for UpstreamUnavailable {}
 
 /// The breaker's state in this process: consecutive failures per first bucket.
 #[derive(Debug)]

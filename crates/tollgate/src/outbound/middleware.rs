@@ -8,33 +8,38 @@ use std::sync::Arc;
 use http::Extensions;
 use reqwest_middleware::{Middleware, Next};
 
-use super::{
-    BoxError, RateLimitLayer, RateLimited, SelectBuckets, Sender, Shared, UpstreamUnavailable,
-};
+use super::bucket::SelectBuckets;
+use super::error::{BoxError, Error};
+use super::layer::RateLimitLayer;
+use super::send::{Sender, Shared};
 
 /// The outbound layer's behaviour (waits for the buckets, pauses on a 429 or a quota used up,
 /// retries a refused call, the upstream failure breaker) as a `reqwest-middleware` middleware.
 ///
 /// A call refused locally fails with `reqwest_middleware::Error::Middleware` holding a
-/// [`RateLimited`] (or an [`UpstreamUnavailable`]): `err.downcast_ref::<RateLimited>()` on the
+/// [`RateLimited`](super::RateLimited) (or an
+/// [`UpstreamUnavailable`](super::UpstreamUnavailable)): `err.downcast_ref::<RateLimited>()` on the
 /// `anyhow::Error` tells it from a transport failure.
 ///
-/// ```
+/// Needs tollgate's feature `reqwest-middleware` (which turns on `reqwest`).
+///
+/// ```no_run
 /// use std::time::Duration;
 /// use tollgate::core::Quota;
 /// use tollgate::outbound::{Bucket, RateLimitLayer, RateLimitMiddleware};
 ///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let layer = RateLimitLayer::builder(Bucket::new("github", Quota::per_hour(5000)?).fixed())
-///     .max_wait(Duration::from_secs(30))
-///     .build();
-/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-///     .with(RateLimitMiddleware::new(layer))
-///     .build();
-/// // client.get("https://api.github.com/rate_limit").send().await?
-/// # let _ = client;
-/// # Ok(())
-/// # }
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let layer = RateLimitLayer::builder(Bucket::new("github", Quota::per_hour(5000)?).fixed())
+///         .max_wait(Duration::from_secs(30))
+///         .build();
+///     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///         .with(RateLimitMiddleware::new(layer))
+///         .build();
+///     let response = client.get("https://api.github.com/rate_limit").send().await?;
+///     println!("{}", response.status());
+///     Ok(())
+/// }
 /// ```
 #[derive(Clone)]
 pub struct RateLimitMiddleware<Sel> {
@@ -84,16 +89,14 @@ impl Sender<reqwest::Request> for NextSender<'_> {
 }
 
 /// A refusal or a failure as a middleware error, keeping the types users downcast to.
-fn to_middleware_error(error: BoxError) -> reqwest_middleware::Error {
-    let error = match error.downcast::<RateLimited>() {
-        Ok(limited) => return reqwest_middleware::Error::middleware(*limited),
-        Err(other) => other,
-    };
-    let error = match error.downcast::<UpstreamUnavailable>() {
-        Ok(open) => return reqwest_middleware::Error::middleware(*open),
-        Err(other) => other,
-    };
-    match error.downcast::<reqwest::Error>() {
+fn to_middleware_error(error: Error) -> reqwest_middleware::Error {
+    if let Some(limited) = error.rate_limited() {
+        return reqwest_middleware::Error::middleware(limited.clone());
+    }
+    if let Some(open) = error.upstream_unavailable() {
+        return reqwest_middleware::Error::middleware(open.clone());
+    }
+    match error.into_inner().downcast::<reqwest::Error>() {
         Ok(e) => reqwest_middleware::Error::Reqwest(*e),
         Err(other) => reqwest_middleware::Error::Middleware(anyhow::Error::from_boxed(other)),
     }

@@ -23,7 +23,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use tollgate::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
+//! use tollgate::limiter::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
 //! use tollgate::core::{ManualClock, Timestamp};
 //!
 //! let clock = ManualClock::new(Timestamp::ZERO);
