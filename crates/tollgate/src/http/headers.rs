@@ -280,7 +280,10 @@ impl PolicyHeaders {
         // Whole milliseconds first: 3/s refills every 333,334 µs, a span of 1.000002 s, which
         // is `w=1`, not `w=2`.
         let span = quota.window_span();
-        let window = ceil_secs(Duration::from_millis(span.as_millis().try_into().unwrap_or(u64::MAX))).max(1);
+        let window = ceil_secs(Duration::from_millis(
+            span.as_millis().try_into().unwrap_or(u64::MAX),
+        ))
+        .max(1);
         let mut value = String::with_capacity(sf_name.len() + 40);
         value.push_str(&sf_name);
         // Writing into a String cannot fail.

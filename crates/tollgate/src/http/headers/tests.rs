@@ -367,13 +367,20 @@ fn uneven_rates_do_not_gain_a_second_of_window() {
         (Quota::per_second(3).unwrap(), "q=3;w=1"),
         (Quota::per_minute(7).unwrap(), "q=7;w=60"),
         (Quota::per_second(1000).unwrap(), "q=1000;w=1"),
-        (Quota::per_minute(100).unwrap().with_burst(20).unwrap(), "q=20;w=12"),
+        (
+            Quota::per_minute(100).unwrap().with_burst(20).unwrap(),
+            "q=20;w=12",
+        ),
         (Quota::per_hour(5).unwrap(), "q=5;w=3600"),
     ];
     for (quota, expected) in cases {
         let fixed = PolicyHeaders::new("p", &quota);
         let mut headers = HeaderMap::new();
-        fixed.insert(&mut headers, HeaderMode::Ietf, &decision(Outcome::Allowed, 1, 0, 0));
+        fixed.insert(
+            &mut headers,
+            HeaderMode::Ietf,
+            &decision(Outcome::Allowed, 1, 0, 0),
+        );
         assert_eq!(
             headers[&RATELIMIT_POLICY].to_str().unwrap(),
             format!("\"p\";{expected}"),
