@@ -362,6 +362,23 @@ async fn pauses(b: &Backend) {
         b.name(),
         started.elapsed()
     );
+
+    // A window limit cannot be paused: said, not silently ignored.
+    let window = Quota::fixed_window(100, Duration::from_secs(1)).expect("a quota");
+    let windowed = crate::limiter(b.store("limiter-pause-window").await, &[("events", window)]);
+    let e = windowed
+        .pause("events", "d1", Duration::from_millis(400))
+        .await
+        .expect_err("a window limit cannot be paused");
+    assert!(
+        matches!(&e, LimitError::CannotPause { limit, .. } if limit == "events"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("fixed_window"), "{e}");
+    assert!(
+        windowed.check("events", "d1").await.is_ok(),
+        "nothing paused"
+    );
 }
 
 async fn run_all(b: &Backend) {

@@ -860,6 +860,18 @@ async fn a_place_that_cannot_be_given_back_is_counted() {
 /// through again, and its success closes the breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_breaker_opens_stays_open_and_half_opens() {
+    upstream_breaker_case(quota(100, 100)).await;
+}
+
+/// The same on a fixed-window bucket: the breaker's marker is a bucket of its own, so it opens
+/// whatever the algorithm of the bucket it guards (a window cannot be paused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_breaker_opens_on_a_window_bucket_too() {
+    let window = Quota::fixed_window(100, Duration::from_secs(1)).expect("a quota");
+    upstream_breaker_case(window).await;
+}
+
+async fn upstream_breaker_case(bucket_quota: Quota) {
     use tollgate::outbound::{UpstreamBreaker, UpstreamUnavailable};
     let _serial = SERIAL.lock().await;
     let _ = common::snapshotter().snapshot();
@@ -873,7 +885,7 @@ async fn the_upstream_breaker_opens_stays_open_and_half_opens() {
     .await;
     let client = client(
         RateLimitLayer::builder(
-            Bucket::new("flaky:api", quota(100, 100))
+            Bucket::new("flaky:api", bucket_quota)
                 .label("flaky")
                 .fixed(),
         )

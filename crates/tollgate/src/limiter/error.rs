@@ -83,6 +83,18 @@ pub enum LimitError {
         /// What the limit holds at most.
         capacity: u32,
     },
+    /// [`pause`](super::Limiter::pause) was asked of a window limit: only a token or leaky
+    /// bucket can be paused (a window's count cannot be moved to a later time).
+    #[error(
+        "limit `{limit}` is a {algorithm} limit, which cannot be paused: only token_bucket and \
+         leaky_bucket limits can"
+    )]
+    CannotPause {
+        /// The limit.
+        limit: String,
+        /// Its algorithm.
+        algorithm: tollgate_core::Algorithm,
+    },
     /// The store is unavailable and the failure policy refuses (`fail_closed`).
     #[error("the rate limiter's store is unavailable")]
     Unavailable,

@@ -84,6 +84,12 @@ impl Limits {
     ) -> Result<(), LimitError> {
         let keys = self.keys(&[limit], identity)?;
         let (key, quota) = &keys[0];
+        if !quota.algorithm().is_bucket() {
+            return Err(LimitError::CannotPause {
+                limit: limit.to_owned(),
+                algorithm: quota.algorithm(),
+            });
+        }
         wait::pause(&self.store, key, quota, duration).await;
         Ok(())
     }

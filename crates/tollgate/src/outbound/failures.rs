@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use tollgate_core::Limit;
+use tollgate_core::{Limit, Quota};
 
 use super::bucket::Bucket;
 use super::error::UpstreamUnavailable;
@@ -63,7 +63,8 @@ impl Failures {
             return Ok(());
         };
         let key = marker(&first.key);
-        let peek = [Limit::new(&key, &first.quota, 1)];
+        let quota = marker_quota();
+        let peek = [Limit::new(&key, &quota, 1)];
         let verdict = match store.peek(&peek).await {
             Guarded::Store(v) | Guarded::Local(v) => v,
             Guarded::Open | Guarded::Closed => return Ok(()),
@@ -107,8 +108,15 @@ impl Failures {
                 self.config.failures
             );
             store
-                .pause(&marker(&first.key), &first.quota, self.config.recovery)
+                .pause(&marker(&first.key), &marker_quota(), self.config.recovery)
                 .await;
         }
     }
+}
+
+/// The quota of the breaker's marker key: a token bucket of one, whatever the bucket's own
+/// algorithm (a window limit cannot be paused, and the marker only has to say "open until").
+fn marker_quota() -> Quota {
+    // 1 per second, burst 1: valid by construction.
+    Quota::per_second(1).unwrap_or_else(|_| unreachable!("1/s is a valid quota"))
 }

@@ -91,7 +91,18 @@ impl Shared {
                 metrics::counter!(m::UPSTREAM_LIMITED_TOTAL, "bucket" => Arc::clone(&b.label))
                     .increment(1);
             }
-            wait::pause(&self.store, &b.key, &b.quota, signal.pause).await;
+            if b.quota.algorithm().is_bucket() {
+                wait::pause(&self.store, &b.key, &b.quota, signal.pause).await;
+            } else {
+                // Said, not silently dropped: a window's count cannot be moved to a later time.
+                tracing::warn!(
+                    bucket = %b.label,
+                    algorithm = %b.quota.algorithm(),
+                    pause = ?signal.pause,
+                    "the upstream asked to slow down, but a window bucket cannot be paused: give \
+                     this bucket a token_bucket or leaky_bucket quota to honour Retry-After"
+                );
+            }
         }
         tracing::debug!(pause = ?signal.pause, limited = signal.limited, "upstream asked to slow down");
         signal.limited
