@@ -14,7 +14,7 @@ use super::policy::{Policy, PolicyHandle};
 use super::service::RateLimit;
 use crate::limiter::BreakerConfig;
 use crate::limiter::guarded::{Guard, GuardedStore};
-use crate::limiter::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
+use crate::limiter::{DEFAULT_STORE_TIMEOUT, OnStoreError};
 
 /// The default number of denials the denied-until cache remembers.
 pub const DEFAULT_DENIED_CACHE: usize = 100_000;
@@ -107,12 +107,12 @@ impl<K> RateLimitLayerBuilder<K> {
     }
 
     /// The longest a store call may take before the failure policy applies (default 50 ms, at
-    /// most [`MAX_STORE_TIMEOUT`]). It bounds the latency the layer adds to a request (a leaky
+    /// most [`MAX_STORE_TIMEOUT`](crate::limiter::MAX_STORE_TIMEOUT)). It bounds the latency the layer adds to a request (a leaky
     /// bucket's shaping delay aside). Give a Redis store the same timeout (the YAML config does):
     /// its calls carry the store's own deadline to Redis, past which a late script writes nothing,
     /// so a store timeout longer than this one would let a call the layer gave up on still charge.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout.min(MAX_STORE_TIMEOUT);
+        self.timeout = crate::limiter::guarded::capped_timeout(timeout);
         self
     }
 

@@ -23,6 +23,19 @@ pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
 /// minutes for its store has stopped protecting anything.
 pub const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `timeout` cut to [`MAX_STORE_TIMEOUT`], with a warning when it is (the builders' `timeout`;
+/// the YAML refuses a longer `timeout_ms` outright).
+pub(crate) fn capped_timeout(timeout: Duration) -> Duration {
+    if timeout > MAX_STORE_TIMEOUT {
+        tracing::warn!(
+            asked = ?timeout,
+            used = ?MAX_STORE_TIMEOUT,
+            "store timeout longer than the maximum: using the maximum"
+        );
+    }
+    timeout.min(MAX_STORE_TIMEOUT)
+}
+
 /// What a front end does when its store fails or times out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnStoreError {

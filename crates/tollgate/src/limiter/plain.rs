@@ -9,7 +9,7 @@ use tollgate_core::{Decision, DynStore, MemoryStore, Quota, Store};
 use super::blocking::Blocking;
 use super::breaker::BreakerConfig;
 use super::error::LimitError;
-use super::guarded::{DEFAULT_STORE_TIMEOUT, Guard, GuardedStore, MAX_STORE_TIMEOUT, OnStoreError};
+use super::guarded::{DEFAULT_STORE_TIMEOUT, Guard, GuardedStore, OnStoreError};
 use super::limits::Limits;
 use super::request::{Grant, Request};
 use super::reserved::Reserved;
@@ -96,10 +96,10 @@ impl LimiterBuilder {
     }
 
     /// The longest one store call may take before the failure policy answers (default 50 ms, at
-    /// most [`MAX_STORE_TIMEOUT`]). Give a Redis store the
+    /// most [`MAX_STORE_TIMEOUT`](super::MAX_STORE_TIMEOUT)). Give a Redis store the
     /// same timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.guard.timeout = timeout.min(MAX_STORE_TIMEOUT);
+        self.guard.timeout = super::guarded::capped_timeout(timeout);
         self
     }
 

@@ -101,7 +101,15 @@ impl PerHost {
 
 impl<Req: OutboundRequest> SelectBuckets<Req> for PerHost {
     fn select(&self, request: &Req) -> Vec<Bucket> {
-        let host = request.host().unwrap_or("unknown");
+        let host = request.host().unwrap_or_else(|| {
+            // Said, not guessed in silence: every such request shares the one bucket.
+            tracing::warn!(
+                prefix = %self.prefix,
+                "a request without a host: it draws from the shared `{}:unknown` bucket",
+                self.prefix
+            );
+            "unknown"
+        });
         vec![Bucket::new(format!("{}:{host}", self.prefix), self.quota).label(&self.prefix)]
     }
 }

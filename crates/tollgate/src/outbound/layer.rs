@@ -98,6 +98,9 @@ impl<Sel> RateLimitLayerBuilder<Sel> {
 
     /// At most `max` calls in flight at once (default: no cap).
     pub fn max_in_flight(mut self, max: usize) -> Self {
+        if max == 0 {
+            tracing::warn!("max_in_flight(0) would never send a call: using 1");
+        }
         self.in_flight = Some(max.max(1));
         self
     }
@@ -106,7 +109,7 @@ impl<Sel> RateLimitLayerBuilder<Sel> {
     /// instead (default [`DEFAULT_OUTBOUND_STORE_TIMEOUT`], at most
     /// [`MAX_STORE_TIMEOUT`](crate::limiter::MAX_STORE_TIMEOUT)).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout.min(crate::limiter::MAX_STORE_TIMEOUT);
+        self.timeout = crate::limiter::guarded::capped_timeout(timeout);
         self
     }
 
