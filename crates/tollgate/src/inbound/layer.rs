@@ -108,7 +108,8 @@ impl<K> RateLimitLayerBuilder<K> {
 
     /// The longest a store call may take before the failure policy applies (default 50 ms, at
     /// most [`MAX_STORE_TIMEOUT`](crate::limiter::MAX_STORE_TIMEOUT)). It bounds the latency the
-    /// layer adds to a request (a leaky bucket's shaping delay aside). Give a Redis store the same timeout (the YAML config does):
+    /// layer adds to a request (a leaky bucket's shaping delay aside). Give a Redis store the
+    /// same timeout (the YAML config does):
     /// its calls carry the store's own deadline to Redis, past which a late script writes nothing,
     /// so a store timeout longer than this one would let a call the layer gave up on still charge.
     pub fn timeout(mut self, timeout: Duration) -> Self {

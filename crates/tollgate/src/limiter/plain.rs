@@ -172,8 +172,8 @@ impl Limiter {
     }
 
     /// Waits up to `max_wait` for `identity`'s turn under `limit`. When the wait would be longer,
-    /// fails at once with [`RateLimited`](super::RateLimited), consuming nothing; dropping the future while it waits
-    /// gives its place back.
+    /// fails at once with [`RateLimited`](super::RateLimited), consuming nothing; dropping the
+    /// future while it waits gives its place back.
     ///
     /// The [`Grant`]'s figures are read back from the store after the wait (one store call more
     /// than [`reserve`](Self::reserve) followed by [`Reserved::wait`], which reports none).
