@@ -58,6 +58,35 @@ fn bare() -> Router {
     Router::new().route("/", get(hello))
 }
 
+/// The five header values tollgate's default mode writes on an allowed request of this suite's
+/// tier (a million at once, a million a second), so the `bare axum + same headers` peer puts the
+/// same bytes on the wire (a test checks they match what the layer writes).
+const SAME_HEADERS: [(&str, &str); 5] = [
+    ("ratelimit-policy", "\"all\";q=1000000;w=1"),
+    ("ratelimit", "\"all\";r=999999;t=1"),
+    ("x-ratelimit-limit", "1000000"),
+    ("x-ratelimit-remaining", "999999"),
+    ("x-ratelimit-reset", "1"),
+];
+
+async fn hello_with_headers() -> impl axum::response::IntoResponse {
+    (
+        SAME_HEADERS.map(|(name, value)| {
+            (
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            )
+        }),
+        "Hello, World!",
+    )
+}
+
+/// Bare axum whose route returns tollgate's five header values as static strings: the wire cost
+/// of the headers, common to both, without a limiter.
+fn bare_with_headers() -> Router {
+    Router::new().route("/", get(hello_with_headers))
+}
+
 fn tollgate_layer(
     store: impl tollgate_core::Store,
     headers: HeaderMode,
@@ -76,6 +105,19 @@ fn governed() -> Result<Router, BoxError> {
         .key_extractor(GlobalKeyExtractor)
         .period(Duration::from_secs(1) / RATE)
         .burst_size(BURST)
+        .finish()
+        .ok_or("invalid tower_governor config")?;
+    Ok(bare().layer(GovernorLayer::new(Arc::new(config))))
+}
+
+/// tower_governor in its `use_headers()` mode: `x-ratelimit-limit` / `-remaining` on allowed
+/// responses, like tollgate's default headers.
+fn governed_with_headers() -> Result<Router, BoxError> {
+    let config = GovernorConfigBuilder::default()
+        .key_extractor(GlobalKeyExtractor)
+        .period(Duration::from_secs(1) / RATE)
+        .burst_size(BURST)
+        .use_headers()
         .finish()
         .ok_or("invalid tower_governor config")?;
     Ok(bare().layer(GovernorLayer::new(Arc::new(config))))
@@ -103,6 +145,7 @@ pub(crate) fn serve_child(args: &[String]) -> Result<(), BoxError> {
         .build()?;
     let app = match case.as_str() {
         "bare" => bare(),
+        "bare-headers" => bare_with_headers(),
         "memory" => bare().layer(tollgate_layer(MemoryStore::new(), HeaderMode::default())?),
         "memory-no-headers" => bare().layer(tollgate_layer(MemoryStore::new(), HeaderMode::None)?),
         "redis" => {
@@ -110,6 +153,7 @@ pub(crate) fn serve_child(args: &[String]) -> Result<(), BoxError> {
             bare().layer(tollgate_layer(store, HeaderMode::default())?)
         }
         "tower_governor" => governed()?,
+        "tower_governor-headers" => governed_with_headers()?,
         other => return Err(format!("unknown case `{other}`").into()),
     };
     runtime.block_on(async {
@@ -277,12 +321,14 @@ fn hyper_load(addr: SocketAddr, duration: Duration) -> Result<Load, BoxError> {
 /// The cases, each served by a fresh server process.
 /// `memory-no-headers` shows how much of tollgate's cost is its five rate-limit headers
 /// (tower_governor sends none on an allowed request).
-const CASES: [&str; 5] = [
+const CASES: [&str; 7] = [
     "bare",
+    "bare-headers",
     "memory",
     "memory-no-headers",
     "redis",
     "tower_governor",
+    "tower_governor-headers",
 ];
 
 /// Serves one case in a fresh child process and loads it.
@@ -299,7 +345,14 @@ fn measure_case(
 
 /// The cases counted under callgrind (the Redis case is left out: its decisions are spent in
 /// redis-server, not in the server process).
-const COUNTED: [&str; 4] = ["bare", "memory", "memory-no-headers", "tower_governor"];
+const COUNTED: [&str; 6] = [
+    "bare",
+    "bare-headers",
+    "memory",
+    "memory-no-headers",
+    "tower_governor",
+    "tower_governor-headers",
+];
 
 /// Instructions per request of `case`'s server under callgrind, over a wrk run of `duration`
 /// after a 1 s warm-up (see [`callgrind`]).
@@ -381,6 +434,17 @@ fn count_instructions(
     ))
 }
 
+/// The peers every tollgate row is compared with: the case and its label (contract labels).
+const PEERS: [(&str, &str); 4] = [
+    ("bare", "bare axum"),
+    ("bare-headers", "bare axum + same headers"),
+    ("tower_governor", "tower_governor (global key)"),
+    (
+        "tower_governor-headers",
+        "tower_governor (global key, headers)",
+    ),
+];
+
 /// The rows comparing a cost per request (`cost` of a case, shown by `show`) of tollgate on
 /// `MemoryStore`, with and without its headers, with bare axum's and tower_governor's; none
 /// where a case has no value.
@@ -389,9 +453,6 @@ fn cost_rows(
     cost: impl Fn(&str) -> Option<f64>,
     show: impl Fn(f64) -> String,
 ) -> Vec<Row> {
-    let (Some(bare), Some(governor)) = (cost("bare"), cost("tower_governor")) else {
-        return Vec::new();
-    };
     let mut rows = Vec::new();
     for (name, label) in [
         ("memory", "tollgate MemoryStore"),
@@ -401,10 +462,10 @@ fn cost_rows(
         ),
     ] {
         let Some(ours) = cost(name) else { continue };
-        for (peer, peer_cost) in [
-            ("bare axum", bare),
-            ("tower_governor (global key)", governor),
-        ] {
+        for (peer_case, peer) in PEERS {
+            let Some(peer_cost) = cost(peer_case) else {
+                continue;
+            };
             rows.push(Row {
                 case: format!("http: {label} ({measure})"),
                 tollgate: show(ours),
@@ -482,13 +543,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     };
     let get = |name: &str| find(name).map(|(_, load, _)| *load);
     let cpu_of = |name: &str| find(name).map(|(.., cpu)| *cpu);
-    let (bare, memory, quiet, redis, governor) = (
-        get("bare")?,
-        get("memory")?,
-        get("memory-no-headers")?,
-        get("redis")?,
-        get("tower_governor")?,
-    );
+    let (bare, redis, governor) = (get("bare")?, get("redis")?, get("tower_governor")?);
     let value = |l: &Load| format!("{} req/s (p99 {})", thousands(l.per_sec), ms(l.p99));
     let conc = format!(
         "{CONCURRENCY} connections, {}",
@@ -497,35 +552,27 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             Generator::Hyper => "hyper client",
         }
     );
-    let mut rows = vec![
-        Row {
-            case: format!("http: tollgate MemoryStore (req/s, {conc})"),
-            tollgate: value(&memory),
-            peer: "bare axum".into(),
-            peer_value: value(&bare),
-            ratio: throughput_ratio(memory.per_sec, bare.per_sec),
-        },
-        Row {
-            case: format!("http: tollgate MemoryStore (req/s, {conc})"),
-            tollgate: value(&memory),
-            peer: "tower_governor (global key)".into(),
-            peer_value: value(&governor),
-            ratio: throughput_ratio(memory.per_sec, governor.per_sec),
-        },
-        Row {
-            case: format!("http: tollgate MemoryStore, no rate-limit headers (req/s, {conc})"),
-            tollgate: value(&quiet),
-            peer: "bare axum".into(),
-            peer_value: value(&bare),
-            ratio: throughput_ratio(quiet.per_sec, bare.per_sec),
-        },
-        Row {
-            case: format!("http: tollgate MemoryStore, no rate-limit headers (req/s, {conc})"),
-            tollgate: value(&quiet),
-            peer: "tower_governor (global key)".into(),
-            peer_value: value(&governor),
-            ratio: throughput_ratio(quiet.per_sec, governor.per_sec),
-        },
+    let mut rows = Vec::new();
+    for (name, label) in [
+        ("memory", "tollgate MemoryStore"),
+        (
+            "memory-no-headers",
+            "tollgate MemoryStore, no rate-limit headers",
+        ),
+    ] {
+        let ours = get(name)?;
+        for (peer_case, peer) in PEERS {
+            let theirs = get(peer_case)?;
+            rows.push(Row {
+                case: format!("http: {label} (req/s, {conc})"),
+                tollgate: value(&ours),
+                peer: peer.into(),
+                peer_value: value(&theirs),
+                ratio: throughput_ratio(ours.per_sec, theirs.per_sec),
+            });
+        }
+    }
+    rows.extend([
         Row {
             case: format!("http: tollgate on Redis (req/s, {conc})"),
             tollgate: value(&redis),
@@ -540,7 +587,7 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             peer_value: value(&governor),
             ratio: throughput_ratio(redis.per_sec, governor.per_sec),
         },
-    ];
+    ]);
     // With wrk on its own CPU: the server's CPU time per request, the steadier measure (the
     // Redis case is left out: its decisions are spent in redis-server, not in this process).
     rows.extend(cost_rows(
@@ -557,4 +604,51 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     };
     rows.extend(instruction_rows(&redis_server, &cpus, generator, counted));
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt as _;
+
+    fn headers_of(app: Router) -> Vec<(String, String)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let response = runtime
+            .block_on(app.oneshot(http::Request::new(axum::body::Body::empty())))
+            .expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .filter(|(name, _)| name.as_str().contains("ratelimit"))
+            .map(|(n, v)| (n.to_string(), v.to_str().expect("ASCII").to_owned()))
+            .collect();
+        headers.sort();
+        headers
+    }
+
+    /// The `bare axum + same headers` peer writes exactly the rate-limit headers tollgate writes
+    /// on the first request of the suite's tier, so the wire cost is the same.
+    #[test]
+    fn the_same_headers_are_the_layers() {
+        let layer = tollgate_layer(MemoryStore::new(), HeaderMode::default()).expect("a layer");
+        let ours = headers_of(bare().layer(layer));
+        assert_eq!(ours.len(), 5, "{ours:?}");
+        assert_eq!(headers_of(bare_with_headers()), ours);
+        assert!(headers_of(bare()).is_empty());
+    }
+
+    /// tower_governor's `use_headers()` mode writes its `x-ratelimit-*` headers.
+    #[test]
+    fn the_governor_peer_with_headers_writes_them() {
+        let with = headers_of(governed_with_headers().expect("a router"));
+        assert!(
+            with.iter().any(|(n, _)| n == "x-ratelimit-remaining"),
+            "{with:?}"
+        );
+        assert!(headers_of(governed().expect("a router")).is_empty());
+    }
 }
