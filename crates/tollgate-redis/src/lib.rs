@@ -2,8 +2,9 @@
 //! atomic Lua script on Redis' own clock.
 //!
 //! [`RedisStore`] implements [`tollgate_core::Store`] on a standalone Redis (a multiplexed,
-//! reconnecting connection) or a Redis Cluster (redis-rs' async cluster client), with one code path
-//! over both connection types. The script ports the algorithms of `tollgate-core` exactly; the same
+//! reconnecting connection), a Redis Cluster (redis-rs' async cluster client) or the master of a
+//! Sentinel group (found and followed through the sentinels), with one code path over every
+//! connection type. The script ports the algorithms of `tollgate-core` exactly; the same
 //! test vectors are replayed against both. Right after its helpers and the token bucket comes a
 //! fast path for the most common call, a decision over token buckets only (the default tier +
 //! route + global): one `MGET` and one `SET` per charged bucket, without the general path's
@@ -85,8 +86,48 @@
 //! slots agree on one departure time first, then hold it in every group, giving back and retrying
 //! if it was taken meanwhile.
 //!
-//! Redis Sentinel is not supported yet: redis-rs' sentinel client can hand out connections of the
-//! same type, so it can be added without touching the scripts.
+//! # Sentinel
+//!
+//! [`RedisStore::sentinel_builder`] takes the name the sentinels monitor the master under and
+//! the sentinels' URLs; the store asks them (redis-rs' sentinel client) for the master, checks
+//! that the node says it is one, and keeps one multiplexed connection to it. Scripts, deadlines
+//! and error handling are the standalone store's.
+//!
+//! ```no_run
+//! use tollgate_redis::RedisStore;
+//!
+//! # fn example() -> Result<(), tollgate_redis::RedisStoreError> {
+//! let store = RedisStore::sentinel_builder(
+//!     "mymaster",
+//!     ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379", "redis://10.0.0.3:26379"],
+//! )
+//! .build()?;
+//! # let _ = store;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **Following a failover.** The connection is forgotten, and the next call asks the sentinels
+//! again, when a call fails in a way that says its node is no longer the master to talk to (the
+//! connection refused, dropped or timed out; `READONLY` from a demoted master; `MASTERDOWN`), and
+//! when a background check, every 500 ms, finds that the sentinels name another master (a forced
+//! `SENTINEL FAILOVER` leaves the old master writable for seconds, answering as if nothing had
+//! happened). The call that failed is **not** replayed, its outcome may be unknown: it fails,
+//! and the failure policy answers it; the calls after it go to the new master. The new master may
+//! not have the script cached: its `NOSCRIPT` makes the call load the script, as after a restart.
+//! In the tests, decisions come from the new master within a few hundred milliseconds of the
+//! sentinels naming it.
+//!
+//! **What a failover can lose.** Replication is asynchronous: the writes the old master
+//! acknowledged but had not yet sent to its replica are gone when the replica is promoted, and
+//! with a forced failover, whatever the store wrote to the old master between the promotion and
+//! the moment it noticed (up to about the 500 ms check interval). For a limit this means the
+//! charges of that window are forgotten: right after the switch a key may admit again what it
+//! admitted in the lost window, **up to about one more burst's worth** (its burst or window limit,
+//! plus what refills during that short window). A denial writes nothing and loses nothing. The
+//! deadline offsets learnt from the old master's clock carry over to the new one until its replies
+//! correct them: keep the group's nodes NTP-synchronised, as for a cluster. Where that
+//! matters, Redis' `min-replicas-to-write` narrows the window at the cost of availability.
 //!
 //! # Failures
 //!
@@ -128,13 +169,15 @@
 //! `protocol.rs` the wire codec of one script call (the `KEYS` and `ARGV` it sends, the packed
 //! reply it reads and checks); `cluster.rs` the cross-slot protocol (limits grouped by redis-rs'
 //! own slot function, the one its cluster client routes with; undo; one departure time across
-//! slots); `deadline.rs` the call deadlines on the server's clock; `script.rs` the Lua script,
+//! slots); `deadline.rs` the call deadlines on the server's clock; `sentinel.rs` the connection
+//! to a Sentinel group's master and how it follows a failover; `script.rs` the Lua script,
 //! joined from the files of `lua/`.
 
 mod cluster;
 mod deadline;
 mod protocol;
 mod script;
+mod sentinel;
 mod store;
 
 #[doc(hidden)]

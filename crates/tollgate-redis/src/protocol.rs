@@ -88,6 +88,9 @@ pub(crate) fn map_error(e: redis::RedisError) -> StoreError {
             redis::ErrorKind::Server(
                 redis::ServerErrorKind::ClusterDown
                     | redis::ServerErrorKind::MasterDown
+                    // A demoted master (Sentinel failover): a script refused at its first write
+                    // wrote nothing.
+                    | redis::ServerErrorKind::ReadOnly
                     | redis::ServerErrorKind::TryAgain
                     | redis::ServerErrorKind::BusyLoading
                     // A redirection the cluster client gave up following: the slot's owner could
@@ -273,6 +276,7 @@ impl RedisStore {
                 match self.inner.conn.clone() {
                     Connection::Standalone(mut c) => Self::invoke(&mut c, &invocation).await,
                     Connection::Cluster(mut c) => Self::invoke(&mut c, &invocation).await,
+                    Connection::Sentinel(mut c) => Self::invoke(&mut c, &invocation).await,
                 }
             })
             .await?;

@@ -18,6 +18,7 @@ use tollgate_core::{
 use crate::deadline::ClockOffsets;
 use crate::protocol::{Budget, map_error, micros, protocol};
 use crate::script::Mode;
+use crate::sentinel::SentinelConnection;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "tollgate";
@@ -31,6 +32,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// semantics.
 ///
 /// Cheap to clone: clones share one multiplexed connection (or one cluster connection).
+///
+/// Three topologies, one code path: a standalone server ([`builder`](Self::builder)), a Redis
+/// Cluster ([`cluster_builder`](Self::cluster_builder)), or the master of a Sentinel group
+/// ([`sentinel_builder`](Self::sentinel_builder), which follows a failover by itself).
 #[derive(Clone)]
 pub struct RedisStore {
     pub(crate) inner: Arc<Inner>,
@@ -51,6 +56,7 @@ pub(crate) struct Inner {
 pub(crate) enum Connection {
     Standalone(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(SentinelConnection),
 }
 
 impl fmt::Debug for RedisStore {
@@ -61,6 +67,7 @@ impl fmt::Debug for RedisStore {
                 &match self.inner.conn {
                     Connection::Standalone(_) => "standalone",
                     Connection::Cluster(_) => "cluster",
+                    Connection::Sentinel(_) => "sentinel",
                 },
             )
             .field("prefix", &self.inner.prefix)
@@ -110,6 +117,12 @@ pub enum RedisStoreError {
     /// A cluster with no node.
     #[error("a redis cluster needs at least one node url")]
     NoClusterNodes,
+    /// A Sentinel group with no sentinel.
+    #[error("a redis sentinel store needs at least one sentinel url")]
+    NoSentinelNodes,
+    /// A Sentinel group with an empty master name.
+    #[error("a redis sentinel store needs the name of the master the sentinels monitor")]
+    NoMasterName,
     /// [`RedisStoreBuilder::connect`] could not reach the server.
     #[error("cannot reach redis")]
     Unreachable(#[source] StoreError),
@@ -120,6 +133,8 @@ pub enum RedisStoreError {
 pub struct RedisStoreBuilder {
     nodes: Vec<String>,
     cluster: bool,
+    /// The master name, for a store on a Sentinel group (`nodes` are then the sentinels).
+    sentinel: Option<String>,
     prefix: String,
     timeout: Duration,
     connect_timeout: Duration,
@@ -131,6 +146,7 @@ impl fmt::Debug for RedisStoreBuilder {
         f.debug_struct("RedisStoreBuilder")
             .field("nodes", &self.nodes)
             .field("cluster", &self.cluster)
+            .field("sentinel", &self.sentinel)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -171,10 +187,12 @@ impl RedisStoreBuilder {
         if self.prefix.contains(['{', '}']) {
             return Err(RedisStoreError::InvalidPrefix(self.prefix.clone()));
         }
-        if self.nodes.is_empty() {
-            return Err(RedisStoreError::NoClusterNodes);
+        match &self.sentinel {
+            Some(_) if self.nodes.is_empty() => Err(RedisStoreError::NoSentinelNodes),
+            Some(master) if master.is_empty() => Err(RedisStoreError::NoMasterName),
+            None if self.nodes.is_empty() => Err(RedisStoreError::NoClusterNodes),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Builds the store without connecting: the connection opens on first use and reopens by
@@ -187,7 +205,12 @@ impl RedisStoreBuilder {
             url: url.clone(),
             source,
         };
-        let conn = if self.cluster {
+        let conn = if let Some(master) = &self.sentinel {
+            let conn =
+                SentinelConnection::new(master, &self.nodes, self.connect_timeout, self.timeout)
+                    .map_err(|e| invalid(&self.nodes.join(", "), e))?;
+            Connection::Sentinel(conn)
+        } else if self.cluster {
             let client = ClusterClientBuilder::new(self.nodes.iter().map(String::as_str))
                 .connection_timeout(self.connect_timeout)
                 .response_timeout(self.timeout)
@@ -247,6 +270,7 @@ impl RedisStore {
         RedisStoreBuilder {
             nodes: vec![url.into()],
             cluster: false,
+            sentinel: None,
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -263,6 +287,22 @@ impl RedisStore {
         RedisStoreBuilder {
             nodes: nodes.into_iter().map(Into::into).collect(),
             cluster: true,
+            ..RedisStore::builder(String::new())
+        }
+    }
+
+    /// A store on the master of the Sentinel group whose sentinels are at `sentinels`
+    /// (`redis://host:port` each) and which monitors it as `master`. The store asks the
+    /// sentinels for the master on first use and again whenever the master stops answering as
+    /// one (a failover): see the crate docs, "Sentinel".
+    pub fn sentinel_builder<I, S>(master: impl Into<String>, sentinels: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RedisStoreBuilder {
+            nodes: sentinels.into_iter().map(Into::into).collect(),
+            sentinel: Some(master.into()),
             ..RedisStore::builder(String::new())
         }
     }
@@ -288,6 +328,7 @@ impl RedisStore {
             let reply: String = match self.inner.conn.clone() {
                 Connection::Standalone(mut c) => cmd.query_async(&mut c).await,
                 Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
+                Connection::Sentinel(mut c) => cmd.query_async(&mut c).await,
             }
             .map_err(map_error)?;
             if reply == "PONG" {

@@ -1,5 +1,5 @@
 //! One conformance suite, written once against the `Store` trait, run on `MemoryStore`, a single
-//! Redis node and a 3-master Redis Cluster; plus exactness under concurrency and clock skew.
+//! Redis node, a 3-master Redis Cluster and a Sentinel-managed master; plus exactness under concurrency and clock skew.
 //!
 //! The Redis stores decide on Redis' clock, which the tests cannot stop, so quotas here are slow
 //! (per hour) wherever an exact count matters, and times are compared with a tolerance.
@@ -318,6 +318,13 @@ async fn conformance_cluster() {
     suite(&store, "cluster").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_sentinel() {
+    let group = common::sentinel();
+    let store = common::connect(common::sentinel_builder(&group)).await;
+    suite(&store, "sentinel").await;
+}
+
 /// Four independent connections × 50 concurrent tasks on one key admit exactly the burst; and
 /// multi-limit requests (per user + global, across slots on the cluster) never overspend.
 async fn exactness(stores: Vec<RedisStore>, label: &str) {
@@ -393,6 +400,16 @@ async fn exactness_cluster() {
         stores.push(common::connect(common::cluster_builder(&cluster)).await);
     }
     exactness(stores, "cluster").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactness_sentinel() {
+    let group = common::sentinel();
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(common::connect(common::sentinel_builder(&group)).await);
+    }
+    exactness(stores, "sentinel").await;
 }
 
 /// Two application servers whose clocks disagree by 30 s make the same decisions, because the

@@ -1,5 +1,5 @@
 //! The core's test vectors, replayed against Redis: decisions identical to the Rust model, for
-//! every algorithm, on a single node and on a 3-master cluster.
+//! every algorithm, on a single node, on a 3-master cluster and on a Sentinel-managed master.
 
 mod common;
 
@@ -44,6 +44,12 @@ async fn vectors_replay_on_a_single_node() {
 async fn vectors_replay_on_a_cluster() {
     let cluster = common::cluster();
     replay(common::cluster_builder(&cluster), "cluster").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectors_replay_on_a_sentinel_master() {
+    let group = common::sentinel();
+    replay(common::sentinel_builder(&group), "sentinel").await;
 }
 
 /// A small deterministic generator (64-bit LCG), so the sequence is the same on every run.

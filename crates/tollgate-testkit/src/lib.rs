@@ -9,6 +9,8 @@
 //!   port to simulate outages.
 //! - [`RedisCluster`]: N masters (3 by default) joined into a Redis Cluster with
 //!   `redis-cli --cluster create`; single nodes can be stopped and restarted.
+//! - [`RedisSentinel`]: a master, its replica and three sentinels (quorum 2), with helpers to
+//!   force a failover and wait for the new master.
 //!
 //! Nothing is persisted (no RDB, no AOF): a restarted server is empty. Processes are
 //! killed and reaped when the values are dropped. If that happens during a panic, the tail
@@ -63,9 +65,11 @@
 mod cluster;
 mod error;
 mod resp;
+mod sentinel;
 mod server;
 
 pub use cluster::RedisCluster;
 pub use error::{Error, Result};
 pub use resp::Reply;
+pub use sentinel::{MASTER_NAME, RedisSentinel};
 pub use server::RedisServer;

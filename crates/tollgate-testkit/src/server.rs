@@ -37,6 +37,7 @@ pub(crate) const CLUSTER_NODE_TIMEOUT_MS: u32 = 2_000;
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const LOG_FILE: &str = "redis.log";
 const NODES_FILE: &str = "nodes.conf";
+const SENTINEL_CONF: &str = "sentinel.conf";
 
 /// A single `redis-server` child process listening on `127.0.0.1` and a free port.
 ///
@@ -52,10 +53,24 @@ pub struct RedisServer {
     program: PathBuf,
     port: u16,
     dir: PathBuf,
-    cluster: bool,
+    mode: Mode,
     child: Option<Child>,
     /// Kills `child` if this process dies without dropping us (see [`Watchdog`]).
     watchdog: Option<Watchdog>,
+}
+
+/// What a [`RedisServer`] runs as.
+#[derive(Debug, Clone)]
+pub(crate) enum Mode {
+    /// A standalone master.
+    Standalone,
+    /// A node with cluster mode on.
+    Cluster,
+    /// A replica of the server on `127.0.0.1:PORT` (`--replicaof`).
+    Replica(u16),
+    /// A sentinel (`redis-server sentinel.conf --sentinel`); the string holds the `sentinel ...`
+    /// lines written to its config file before the first start.
+    Sentinel(String),
 }
 
 /// A `sh` that waits on a pipe from this process and, when the pipe closes without a word, kills
@@ -100,15 +115,17 @@ impl RedisServer {
     /// [`Error::NotInstalled`] if `redis-server` is not on `PATH`; otherwise the error of
     /// the last failed attempt (usually [`Error::NotReady`], with the log tail).
     pub fn start() -> Result<RedisServer> {
-        Self::start_mode(false)
+        Self::start_mode(Mode::Standalone)
     }
 
     /// Starts a server with cluster mode enabled (not yet part of any cluster).
     pub(crate) fn start_cluster_node() -> Result<RedisServer> {
-        Self::start_mode(true)
+        Self::start_mode(Mode::Cluster)
     }
 
-    fn start_mode(cluster: bool) -> Result<RedisServer> {
+    /// Starts a server in `mode` (retried on new ports as [`start`](Self::start) is).
+    pub(crate) fn start_mode(mode: Mode) -> Result<RedisServer> {
+        let cluster = matches!(mode, Mode::Cluster);
         let program = find_program("redis-server")?;
         let mut attempt = 1;
         loop {
@@ -116,7 +133,7 @@ impl RedisServer {
                 program: program.clone(),
                 port: free_port(cluster)?,
                 dir: make_temp_dir()?,
-                cluster,
+                mode: mode.clone(),
                 child: None,
                 watchdog: None,
             };
@@ -286,21 +303,32 @@ impl RedisServer {
         resp::request(self.addr(), &args, timeout)
     }
 
-    fn args(&self) -> Vec<OsString> {
+    fn args(&self) -> Result<Vec<OsString>> {
         let mut args: Vec<OsString> = Vec::new();
+        if let Mode::Sentinel(lines) = &self.mode {
+            // A sentinel needs a config file it can rewrite; kept across restarts.
+            let conf = self.dir.join(SENTINEL_CONF);
+            if !conf.exists() {
+                fs::write(&conf, lines)?;
+            }
+            args.push(conf.into_os_string());
+            args.push("--sentinel".into());
+        }
         let mut push = |key: &str, value: &OsStr| {
             args.push(key.into());
             args.push(value.to_owned());
         };
         push("--port", self.port.to_string().as_ref());
         push("--bind", "127.0.0.1".as_ref());
-        push("--save", "".as_ref());
-        push("--appendonly", "no".as_ref());
+        if !matches!(self.mode, Mode::Sentinel(_)) {
+            push("--save", "".as_ref());
+            push("--appendonly", "no".as_ref());
+        }
         push("--dir", self.dir.as_os_str());
         push("--logfile", self.dir.join(LOG_FILE).as_os_str());
         push("--daemonize", "no".as_ref());
         push("--protected-mode", "no".as_ref());
-        if self.cluster {
+        if matches!(self.mode, Mode::Cluster) {
             push("--cluster-enabled", "yes".as_ref());
             push(
                 "--cluster-config-file",
@@ -311,14 +339,22 @@ impl RedisServer {
                 CLUSTER_NODE_TIMEOUT_MS.to_string().as_ref(),
             );
         }
-        args
+        if let Mode::Replica(master) = self.mode {
+            // Host and port are two words: two arguments, or redis-server quotes them as one.
+            args.extend([
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                master.to_string().into(),
+            ]);
+        }
+        Ok(args)
     }
 
     /// Spawns the process and waits until it is ready; on failure it is killed again.
     fn launch(&mut self) -> Result<()> {
         debug_assert!(self.child.is_none());
         let child = Command::new(&self.program)
-            .args(self.args())
+            .args(self.args()?)
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tollgate_redis::{RedisStore, RedisStoreBuilder};
-use tollgate_testkit::{RedisCluster, RedisServer};
+use tollgate_testkit::{RedisCluster, RedisSentinel, RedisServer};
 
 /// A generous timeout for tests about decisions, so a loaded CI machine does not turn a slow
 /// answer into a failure; the fault tests set their own.
@@ -23,6 +23,19 @@ pub fn cluster() -> RedisCluster {
         Ok(c) => c,
         Err(e) => panic!("cannot start a redis cluster: {e}"),
     }
+}
+
+pub fn sentinel() -> RedisSentinel {
+    match RedisSentinel::start() {
+        Ok(s) => s,
+        Err(e) => panic!("cannot start a redis sentinel group: {e}"),
+    }
+}
+
+pub fn sentinel_builder(group: &RedisSentinel) -> RedisStoreBuilder {
+    RedisStore::sentinel_builder(group.master_name(), group.sentinel_urls())
+        .timeout(TEST_TIMEOUT)
+        .connect_timeout(TEST_TIMEOUT)
 }
 
 pub fn standalone_builder(server: &RedisServer) -> RedisStoreBuilder {

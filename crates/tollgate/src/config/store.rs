@@ -1,4 +1,5 @@
-//! The `store:` section: `memory` or `{ redis: { ... } }`, read, validated, and built.
+//! The `store:` section: `memory` or `{ redis: { ... } }` (a URL, a cluster or a Sentinel
+//! group), read, validated, and built.
 
 use std::fmt;
 use std::sync::Arc;
@@ -31,6 +32,16 @@ pub enum StoreConfig {
         /// Key prefix.
         prefix: String,
     },
+    /// The master of a Redis Sentinel group, found (and followed through a failover) through
+    /// its sentinels.
+    Sentinel {
+        /// The name the sentinels monitor the master under.
+        master: String,
+        /// The sentinels' URLs.
+        nodes: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+    },
 }
 
 /// `store:` as written. Read by hand rather than as an untagged enum, whose only error is "data
@@ -52,6 +63,8 @@ pub(super) struct RedisSpec {
     #[serde(default)]
     cluster: Option<Vec<String>>,
     #[serde(default)]
+    sentinel: Option<SentinelSpec>,
+    #[serde(default)]
     prefix: Option<String>,
     #[serde(default)]
     timeout_ms: Option<u64>,
@@ -60,6 +73,16 @@ pub(super) struct RedisSpec {
 }
 
 no_repeated_keys!(RedisSpec);
+
+/// `store: { redis: { sentinel: { master: NAME, nodes: [URL, ..] } } }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub(super) struct SentinelSpec {
+    master: String,
+    nodes: Vec<String>,
+}
+
+no_repeated_keys!(SentinelSpec);
 
 const STORE_EXPECTED: &str = "`memory` or `{ redis: { url: ... } }`";
 
@@ -132,23 +155,43 @@ impl StoreSpec {
             .prefix
             .clone()
             .unwrap_or_else(|| "tollgate".to_owned());
-        let store = match (&redis.url, &redis.cluster) {
-            (Some(url), None) => StoreConfig::Redis {
+        let store = match (&redis.url, &redis.cluster, &redis.sentinel) {
+            (None, None, Some(sentinel)) => {
+                let at = |name: &str| field("sentinel").key(name);
+                if sentinel.master.is_empty() {
+                    return Err(ctx.error(
+                        &at("master"),
+                        "the master name (as the sentinels monitor it) must not be empty",
+                    ));
+                }
+                if sentinel.nodes.is_empty() {
+                    return Err(ctx.error(
+                        &at("nodes"),
+                        "give at least one sentinel url (`redis://host:26379`)",
+                    ));
+                }
+                StoreConfig::Sentinel {
+                    master: sentinel.master.clone(),
+                    nodes: sentinel.nodes.clone(),
+                    prefix,
+                }
+            }
+            (Some(url), None, None) => StoreConfig::Redis {
                 url: url.clone(),
                 prefix,
             },
-            (None, Some(nodes)) if !nodes.is_empty() => StoreConfig::Cluster {
+            (None, Some(nodes), None) if !nodes.is_empty() => StoreConfig::Cluster {
                 nodes: nodes.clone(),
                 prefix,
             },
-            (None, None) => StoreConfig::Redis {
+            (None, None, None) => StoreConfig::Redis {
                 url: "redis://127.0.0.1:6379".to_owned(),
                 prefix,
             },
             _ => {
                 return Err(ctx.error(
                     &FieldPath::top("store").key("redis"),
-                    "give either url or a non-empty cluster list",
+                    "give one of url, a non-empty cluster list, or sentinel",
                 ));
             }
         };
@@ -197,6 +240,14 @@ pub(super) fn describe_store(store: &StoreConfig) -> String {
             "redis cluster at {} (prefix {prefix})",
             nodes.iter().map(|n| host(n)).collect::<Vec<_>>().join(", ")
         ),
+        StoreConfig::Sentinel {
+            master,
+            nodes,
+            prefix,
+        } => format!(
+            "redis master `{master}` through the sentinels at {} (prefix {prefix})",
+            nodes.iter().map(|n| host(n)).collect::<Vec<_>>().join(", ")
+        ),
     }
 }
 
@@ -216,8 +267,18 @@ pub(super) fn build(
             config,
             tollgate_redis::RedisStore::cluster_builder(nodes.clone()).prefix(prefix.clone()),
         ),
+        #[cfg(feature = "redis")]
+        StoreConfig::Sentinel {
+            master,
+            nodes,
+            prefix,
+        } => redis(
+            config,
+            tollgate_redis::RedisStore::sentinel_builder(master.clone(), nodes.clone())
+                .prefix(prefix.clone()),
+        ),
         #[cfg(not(feature = "redis"))]
-        StoreConfig::Redis { .. } | StoreConfig::Cluster { .. } => {
+        StoreConfig::Redis { .. } | StoreConfig::Cluster { .. } | StoreConfig::Sentinel { .. } => {
             Err(config.store_error("store", "a Redis store needs tollgate's `redis` feature"))
         }
     }
