@@ -155,6 +155,20 @@ fn assert_bounded(label: &str, calls: u64, errors: u64, slowest: Duration) {
     );
 }
 
+/// `SENTINEL FAILOVER`, then the new master once every sentinel names it (off the runtime: the
+/// testkit blocks).
+async fn forced_failover(group: RedisSentinel, old: SocketAddr) -> (RedisSentinel, SocketAddr) {
+    blocking(move || {
+        let mut group = group;
+        group.failover().unwrap();
+        let new = group
+            .wait_for_new_master(old, Duration::from_secs(20))
+            .unwrap();
+        (group, new)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_failover_is_followed_and_no_call_hangs() {
     let group = common::sentinel();
@@ -164,15 +178,7 @@ async fn a_forced_failover_is_followed_and_no_call_hangs() {
 
     let load = Load::start(&store, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (group, new) = blocking(move || {
-        let mut group = group;
-        group.failover().unwrap();
-        let new = group
-            .wait_for_new_master(old, Duration::from_secs(20))
-            .unwrap();
-        (group, new)
-    })
-    .await;
+    let (group, new) = forced_failover(group, old).await;
     assert_ne!(new, old);
     let took = decisions_reach(&store, &group, new).await;
     eprintln!("decisions on the new master {took:?} after the sentinels named it");
@@ -217,15 +223,7 @@ async fn the_new_master_without_the_script_still_decides() {
     let store = store(&group).await;
     let old = group.master_addr().unwrap();
     burst_is_exact(&store, "before").await;
-    let (group, new) = blocking(move || {
-        let mut group = group;
-        group.failover().unwrap();
-        let new = group
-            .wait_for_new_master(old, Duration::from_secs(20))
-            .unwrap();
-        (group, new)
-    })
-    .await;
+    let (group, new) = forced_failover(group, old).await;
     let node = &group.nodes()[group.node_index(new).unwrap()];
     assert_eq!(
         node.cmd(&["SCRIPT", "FLUSH"]).unwrap(),
