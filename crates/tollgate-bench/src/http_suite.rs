@@ -40,11 +40,8 @@ use tower_governor::key_extractor::GlobalKeyExtractor;
 
 use crate::load::{Load, drive, median_load};
 use crate::report::{Row, median, ms, thousands, throughput_ratio, time_ratio};
-use crate::wrk::{Cpus, parse_wrk, process_cpu, wrk_requests, wrk_run};
+use crate::wrk::{CONCURRENCY, Cpus, parse_wrk, process_cpu, wrk_requests, wrk_run};
 use crate::{BoxError, callgrind};
-
-/// Requests in flight at any time (one keep-alive connection each).
-pub(crate) const CONCURRENCY: usize = 32;
 
 /// A million per second, a million at once: nothing is ever denied.
 const RATE: u32 = 1_000_000;

@@ -6,8 +6,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::BoxError;
-use crate::http_suite::CONCURRENCY;
 use crate::load::{Load, run_time};
+
+/// Requests in flight at any time (one keep-alive connection each).
+pub(crate) const CONCURRENCY: usize = 32;
 
 /// Where the server and wrk run: with two or more CPUs and `taskset` present, the server process
 /// on the first CPU and wrk on the last, so neither steals the other's core and the server's
