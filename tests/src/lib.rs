@@ -448,6 +448,32 @@ impl Exited {
     }
 }
 
+impl Exited {
+    /// Checks a `--help` run (`flag` is how it was asked): it exited 0 with nothing on stderr,
+    /// its stdout holds `usage`, and each flag's one-line description holds every one of its
+    /// words.
+    pub fn assert_help(&self, flag: &str, usage: &str, flags: &[(&str, &[&str])]) {
+        assert!(
+            self.status.success(),
+            "{flag}: exited with {} (stdout: {:?}, stderr: {:?})",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        assert!(self.stderr.is_empty(), "{flag}: stderr: {}", self.stderr);
+        assert!(self.stdout.contains(usage), "{}", self.stdout);
+        for (name, words) in flags {
+            let description = help_description(&self.stdout, name);
+            for word in *words {
+                assert!(
+                    description.contains(word),
+                    "{name}: `{word}` missing: {description}"
+                );
+            }
+        }
+    }
+}
+
 /// Serves `app` on a free port of 127.0.0.1 in a task of the current runtime: its address.
 pub async fn serve_on_loopback(app: axum::Router) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
