@@ -9,10 +9,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A required program (`redis-server` or `redis-cli`) is not on `PATH`.
+    /// A required program (`redis-server`, `redis-cli`, `iptables`) is not on `PATH`.
     #[error(
-        "{program} not found on PATH: install it with `apt-get install redis-server` \
-         (or run scripts/test, which installs it)"
+        "{program} not found on PATH: install it with `apt-get install {}` \
+         (or run scripts/test, which installs it)",
+        package_of(program)
     )]
     NotInstalled {
         /// The program that was looked for.
@@ -56,4 +57,13 @@ pub enum Error {
     /// The server sent something that is not valid RESP2.
     #[error("RESP protocol error: {0}")]
     Protocol(String),
+}
+
+/// The Debian package that installs `program`.
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "iptables" => "iptables",
+        // redis-cli comes with redis-server (through redis-tools).
+        _ => "redis-server",
+    }
 }

@@ -11,6 +11,8 @@
 //!   `redis-cli --cluster create`; single nodes can be stopped and restarted.
 //! - [`RedisSentinel`]: a master, its replica and three sentinels (quorum 2), with helpers to
 //!   force a failover and wait for the new master.
+//! - [`Blackhole`]: a port whose packets are dropped (two `iptables` rules), a network
+//!   partition rather than a refused connection.
 //!
 //! Nothing is persisted (no RDB, no AOF): a restarted server is empty. Processes are
 //! killed and reaped when the values are dropped. If that happens during a panic, the tail
@@ -64,12 +66,14 @@
 
 mod cluster;
 mod error;
+mod net;
 mod resp;
 mod sentinel;
 mod server;
 
 pub use cluster::RedisCluster;
 pub use error::{Error, Result};
+pub use net::Blackhole;
 pub use resp::Reply;
 pub use sentinel::{MASTER_NAME, RedisSentinel};
 pub use server::RedisServer;

@@ -770,3 +770,156 @@ async fn requests_answered_during_a_hang_are_not_charged_when_redis_wakes() {
         assert!(!keys.is_empty(), "{keys:?}");
     }
 }
+
+/// The issue's bound on a response past the store timeout, while Redis hangs.
+const HANG_MARGIN: Duration = Duration::from_millis(50);
+
+/// How a hanging Redis is made.
+#[derive(Debug, Clone, Copy)]
+enum Hang {
+    /// `SIGSTOP`: the port accepts and queues, nothing answers.
+    Frozen,
+    /// `iptables` DROP both ways: the open connection goes silent, new ones never connect.
+    Blackholed,
+}
+
+/// Issue 15, hanging faults, over a real socket: while Redis hangs (frozen, then blackholed) for
+/// 3 s under a steady load, every answer comes within the store timeout + 50 ms, none is a 5xx
+/// (the local fallback decides), the breaker opens, probes Redis again every `open_for` (a few
+/// store calls, not one per request), and closes by itself once the fault ends: decisions come
+/// from Redis again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_redis_costs_at_most_the_timeout_and_the_breaker_probes_it_back() {
+    let _serial = SERIAL.lock().await;
+    let recorded = recorded();
+    let store_errors = || recorded.counter(m::STORE_ERRORS_TOTAL, &[("store", "redis")]);
+    const OPEN_FOR: Duration = Duration::from_millis(300);
+    const FAULT: Duration = Duration::from_secs(3);
+    for hang in [Hang::Frozen, Hang::Blackholed] {
+        recorded.circuit.clear();
+        let mut redis = start_redis();
+        let policy = Policy::builder()
+            .tier("hang-tier", Quota::per_second(100_000).unwrap())
+            .build()
+            .unwrap();
+        let layer = RateLimitLayer::builder(policy, common::by_header)
+            .store(redis_store(&redis, &format!("tg-{hang:?}")))
+            .on_store_error(OnStoreError::Local)
+            .timeout(TIMEOUT)
+            .denied_cache(None)
+            .breaker(BreakerConfig {
+                failure_threshold: 3,
+                open_for: OPEN_FOR,
+            })
+            .build()
+            .expect("a valid layer");
+        let server = common::serve(app().layer(layer)).await;
+        let url = server.url("/api/decision");
+        let client = common::client();
+        warm_up(&client, &url, "hang-tier", |s| s.body == "decided").await;
+
+        // A steady load from four callers, until told to stop.
+        let t0 = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..4)
+            .map(|i| {
+                let (client, url, stop) = (client.clone(), url.clone(), Arc::clone(&stop));
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        seen.push(send(&client, &url, &format!("h{i}"), "hang-tier", t0).await);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    seen
+                })
+            })
+            .collect();
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let errors_before = store_errors();
+        let began = t0.elapsed();
+        let hole = tokio::task::block_in_place(|| match hang {
+            Hang::Frozen => {
+                redis.pause().expect("SIGSTOP");
+                None
+            }
+            Hang::Blackholed => Some(tollgate_testkit::Blackhole::port(redis.port()).expect(
+                "iptables DROP rules (root and the iptables package; scripts/test installs it)",
+            )),
+        });
+        tokio::time::sleep(FAULT).await;
+        let probes = store_errors() - errors_before;
+        let opened = recorded.circuit.history();
+        tokio::task::block_in_place(|| match hole {
+            None => redis.resume().expect("SIGCONT"),
+            Some(hole) => hole.lift().expect("iptables rules removed"),
+        });
+        let ended = t0.elapsed();
+        // Back to Redis by itself: the breaker closes and answers come from Redis again.
+        let back = wait_until(Duration::from_secs(3), || {
+            recorded.circuit.history().last() == Some(&0.0)
+        })
+        .await;
+        let closed_after = t0.elapsed() - ended;
+        let errors_closed = store_errors();
+        let tail_from = t0.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let tail_errors = store_errors() - errors_closed;
+        stop.store(true, Ordering::Relaxed);
+        let mut seen = Vec::new();
+        for task in tasks {
+            seen.extend(task.await.expect("a load task"));
+        }
+
+        let during: Vec<&Seen> = seen
+            .iter()
+            .filter(|s| s.at >= began && s.at < ended)
+            .collect();
+        let slowest = seen.iter().map(|s| s.latency).max().unwrap_or_default();
+        eprintln!(
+            "{hang:?}: {} requests ({} during the fault), slowest {slowest:?}, {probes} store \
+             calls failed during the fault, circuit {opened:?}, closed {closed_after:?} after",
+            seen.len(),
+            during.len()
+        );
+        for s in &seen {
+            assert_eq!(s.status, 200, "{hang:?}: {s:?}");
+            assert!(
+                s.latency <= TIMEOUT + HANG_MARGIN,
+                "{hang:?}: an answer took {:?}, over the {TIMEOUT:?} timeout + {HANG_MARGIN:?}: {s:?}",
+                s.latency
+            );
+        }
+        assert!(
+            back,
+            "{hang:?}: the breaker never closed after the fault: {opened:?}"
+        );
+        assert!(
+            opened.contains(&1.0),
+            "{hang:?}: the breaker never opened: {opened:?}"
+        );
+        // The breaker keeps Redis aside: the threshold's failures, then one probe per
+        // `open_for` (a few more for calls already on their way when it opened).
+        let most = 3 + (FAULT.as_millis() / OPEN_FOR.as_millis()) as u64 + 4;
+        assert!(
+            (4..=most).contains(&probes),
+            "{hang:?}: {probes} store calls failed during the fault; expected the threshold and \
+             at least one failed probe, at most {most}"
+        );
+        assert!(
+            during.len() as u64 >= 5 * probes,
+            "{hang:?}: too little load to tell probes from requests: {} requests",
+            during.len()
+        );
+        // Closed, every request goes to Redis: with no store error, Redis decided them all.
+        let tail = seen.iter().filter(|s| s.at >= tail_from).count();
+        assert!(
+            tail > 10,
+            "{hang:?}: too little load after recovery: {tail}"
+        );
+        assert_eq!(
+            tail_errors, 0,
+            "{hang:?}: store calls still failing after the breaker closed"
+        );
+    }
+}
