@@ -91,7 +91,11 @@
 //! [`RedisStore::sentinel_builder`] takes the name the sentinels monitor the master under and
 //! the sentinels' URLs; the store asks them (redis-rs' sentinel client) for the master, checks
 //! that the node says it is one, and keeps one multiplexed connection to it. Scripts, deadlines
-//! and error handling are the standalone store's.
+//! and error handling are the standalone store's. A master behind a password takes it (and an
+//! ACL user, and a database number) through
+//! [`master_auth`](RedisStoreBuilder::master_auth) and
+//! [`master_db`](RedisStoreBuilder::master_db); the sentinels' own credentials go in their
+//! URLs.
 //!
 //! ```no_run
 //! use tollgate_redis::RedisStore;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ErrorKind, Pipeline, RedisError,
     RedisFuture, Value,
@@ -62,11 +62,13 @@ struct State {
 }
 
 impl SentinelConnection {
-    /// A connection to the master named `master` by the sentinels at `sentinels`; nothing is
-    /// opened until the first call.
+    /// A connection to the master named `master` by the sentinels at `sentinels`, opened with
+    /// `node_info` (credentials, database; `None` for neither); nothing is opened until the
+    /// first call.
     pub(crate) fn new(
         master: &str,
         sentinels: &[String],
+        node_info: Option<redis::RedisConnectionInfo>,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<SentinelConnection, RedisError> {
@@ -74,10 +76,12 @@ impl SentinelConnection {
             .iter()
             .map(|url| Client::open(url.as_str()))
             .collect::<Result<Vec<_>, _>>()?;
+        let node_info = node_info
+            .map(|info| SentinelNodeConnectionInfo::default().set_redis_connection_info(info));
         let client = SentinelClient::build(
             sentinels.to_vec(),
             master.to_owned(),
-            None,
+            node_info,
             SentinelServerType::Master,
         )?;
         let config = AsyncConnectionConfig::new()

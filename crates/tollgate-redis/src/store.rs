@@ -123,9 +123,56 @@ pub enum RedisStoreError {
     /// A Sentinel group with an empty master name.
     #[error("a redis sentinel store needs the name of the master the sentinels monitor")]
     NoMasterName,
+    /// [`RedisStoreBuilder::master_auth`] or [`RedisStoreBuilder::master_db`] on a store that is
+    /// not a Sentinel one (a standalone or cluster URL carries its own credentials and database).
+    #[error(
+        "master_auth and master_db apply to a sentinel store only; give the credentials and \
+         database in the url (`redis://user:password@host:port/db`)"
+    )]
+    MasterOptionsWithoutSentinel,
     /// [`RedisStoreBuilder::connect`] could not reach the server.
     #[error("cannot reach redis")]
     Unreachable(#[source] StoreError),
+}
+
+/// What a Sentinel store sends the master when it connects: credentials and database.
+#[derive(Clone, Default)]
+struct MasterInfo {
+    username: Option<String>,
+    password: Option<String>,
+    db: Option<i64>,
+}
+
+impl MasterInfo {
+    fn is_set(&self) -> bool {
+        self.password.is_some() || self.db.is_some()
+    }
+
+    /// As redis-rs takes it, or `None` for no password and database 0.
+    fn connection_info(&self) -> Option<redis::RedisConnectionInfo> {
+        if !self.is_set() {
+            return None;
+        }
+        let mut info = redis::RedisConnectionInfo::default().set_db(self.db.unwrap_or(0));
+        if let Some(username) = &self.username {
+            info = info.set_username(username);
+        }
+        if let Some(password) = &self.password {
+            info = info.set_password(password);
+        }
+        Some(info)
+    }
+}
+
+impl fmt::Debug for MasterInfo {
+    /// Never the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MasterInfo")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("db", &self.db)
+            .finish()
+    }
 }
 
 /// Builds a [`RedisStore`]: see [`RedisStore::builder`] and [`RedisStore::cluster_builder`].
@@ -135,6 +182,8 @@ pub struct RedisStoreBuilder {
     cluster: bool,
     /// The master name, for a store on a Sentinel group (`nodes` are then the sentinels).
     sentinel: Option<String>,
+    /// The master's (and replicas') credentials and database, for a Sentinel store.
+    master: MasterInfo,
     prefix: String,
     timeout: Duration,
     connect_timeout: Duration,
@@ -147,6 +196,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("nodes", &self.nodes)
             .field("cluster", &self.cluster)
             .field("sentinel", &self.sentinel)
+            .field("master", &self.master)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -175,6 +225,22 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// **Sentinel only**: the password the master (and the replica that may replace it) asks
+    /// for, and the ACL user it belongs to (`None` for the `default` user). The sentinels' own
+    /// credentials, if they have any, go in their URLs (`redis://:password@host:26379`): a
+    /// Sentinel and the nodes it watches are often set up with different passwords.
+    pub fn master_auth(mut self, username: Option<&str>, password: impl Into<String>) -> Self {
+        self.master.username = username.map(str::to_owned);
+        self.master.password = Some(password.into());
+        self
+    }
+
+    /// **Sentinel only**: the database number to use on the master (default 0).
+    pub fn master_db(mut self, db: i64) -> Self {
+        self.master.db = Some(db);
+        self
+    }
+
     /// Decides with this clock instead of Redis' `TIME`. **For tests only** (replaying test
     /// vectors, showing what clock skew would do): with several processes, each one's clock
     /// would count, which is exactly what the server clock avoids.
@@ -188,6 +254,7 @@ impl RedisStoreBuilder {
             return Err(RedisStoreError::InvalidPrefix(self.prefix.clone()));
         }
         match &self.sentinel {
+            None if self.master.is_set() => Err(RedisStoreError::MasterOptionsWithoutSentinel),
             Some(_) if self.nodes.is_empty() => Err(RedisStoreError::NoSentinelNodes),
             Some(master) if master.is_empty() => Err(RedisStoreError::NoMasterName),
             None if self.nodes.is_empty() => Err(RedisStoreError::NoClusterNodes),
@@ -206,9 +273,14 @@ impl RedisStoreBuilder {
             source,
         };
         let conn = if let Some(master) = &self.sentinel {
-            let conn =
-                SentinelConnection::new(master, &self.nodes, self.connect_timeout, self.timeout)
-                    .map_err(|e| invalid(&self.nodes.join(", "), e))?;
+            let conn = SentinelConnection::new(
+                master,
+                &self.nodes,
+                self.master.connection_info(),
+                self.connect_timeout,
+                self.timeout,
+            )
+            .map_err(|e| invalid(&self.nodes.join(", "), e))?;
             Connection::Sentinel(conn)
         } else if self.cluster {
             let client = ClusterClientBuilder::new(self.nodes.iter().map(String::as_str))
@@ -271,6 +343,7 @@ impl RedisStore {
             nodes: vec![url.into()],
             cluster: false,
             sentinel: None,
+            master: MasterInfo::default(),
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,

@@ -232,3 +232,61 @@ async fn the_new_master_without_the_script_still_decides() {
     decisions_reach(&store, &group, new).await;
     burst_is_exact(&store, "after").await;
 }
+
+/// A group whose data nodes ask for a password: the store given it (`master_auth`) decides on
+/// the master and follows a failover to the replica (same password); without it, every call
+/// fails fast and says why. The option on a store that is not a Sentinel one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_behind_a_password_is_reached_with_master_auth() {
+    let group =
+        blocking(|| RedisSentinel::start_with_password("s3cret-pw").expect("a group")).await;
+    let store = common::connect(
+        RedisStore::sentinel_builder(group.master_name(), group.sentinel_urls())
+            .master_auth(None, "s3cret-pw")
+            .prefix("auth-test")
+            .timeout(TIMEOUT)
+            .connect_timeout(TIMEOUT),
+    )
+    .await;
+    assert!(
+        !format!("{store:?}").contains("s3cret"),
+        "the store's Debug shows the password"
+    );
+    burst_is_exact(&store, "auth:before").await;
+    let old = group.master_addr().unwrap();
+    let (group, new) = forced_failover(group, old).await;
+    decisions_reach(&store, &group, new).await;
+    burst_is_exact(&store, "auth:after").await;
+
+    let no_auth = RedisStore::sentinel_builder(group.master_name(), group.sentinel_urls())
+        .timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT)
+        .build()
+        .unwrap();
+    let quota = Quota::per_hour(10).unwrap();
+    let started = Instant::now();
+    let e = no_auth
+        .decide(&[Limit::new("auth:none", &quota, 1)])
+        .await
+        .expect_err("a master that asks for a password refuses a store without it");
+    assert!(
+        started.elapsed() <= TIMEOUT + MARGIN,
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(e.is_unavailable() || e.is_timeout(), "{:?}: {e}", e.kind());
+
+    let builder = RedisStore::builder("redis://127.0.0.1:6379").master_auth(None, "pw");
+    let e = builder
+        .build()
+        .expect_err("master_auth on a standalone store");
+    assert!(e.to_string().contains("sentinel store only"), "{e}");
+    let e = RedisStore::builder("redis://127.0.0.1:6379")
+        .master_db(2)
+        .build()
+        .expect_err("master_db on a standalone store");
+    assert!(e.to_string().contains("in the url"), "{e}");
+    let builder = RedisStore::sentinel_builder("m", ["redis://127.0.0.1:26379"])
+        .master_auth(Some("app"), "s3cret-pw");
+    assert!(!format!("{builder:?}").contains("s3cret"), "{builder:?}");
+}

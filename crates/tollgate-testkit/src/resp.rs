@@ -180,14 +180,28 @@ fn parse_int(s: &str) -> Result<i64> {
 
 /// Sends one command over a fresh connection and reads one reply, each step bounded by
 /// `timeout`.
-pub(crate) fn request(addr: SocketAddr, args: &[&[u8]], timeout: Duration) -> Result<Reply> {
+pub(crate) fn request(
+    addr: SocketAddr,
+    password: Option<&str>,
+    args: &[&[u8]],
+    timeout: Duration,
+) -> Result<Reply> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    if let Some(password) = password {
+        stream.write_all(&encode(&[b"AUTH", password.as_bytes()]))?;
+        stream.flush()?;
+        match read_reply(&mut reader)? {
+            Reply::Status(ok) if ok == "OK" => {}
+            other => return Err(Error::Protocol(format!("AUTH refused: {other:?}"))),
+        }
+    }
     stream.write_all(&encode(args))?;
     stream.flush()?;
-    read_reply(&mut BufReader::new(stream))
+    read_reply(&mut reader)
 }
 
 #[cfg(test)]

@@ -51,15 +51,33 @@ impl RedisSentinel {
     /// [`Error::NotInstalled`] if `redis-server` is missing, [`Error::NotReady`] if a process
     /// does not start or the group does not form in time (with every process's log tail).
     pub fn start() -> Result<RedisSentinel> {
-        let master = RedisServer::start()?;
-        let replica = RedisServer::start_mode(Mode::Replica(master.port()))?;
-        let lines = format!(
+        Self::start_secured(None)
+    }
+
+    /// Starts the group with data nodes that ask for `password` (`requirepass`, and
+    /// `masterauth` so either can replicate from the other); the sentinels know it
+    /// (`sentinel auth-pass`) and have none of their own.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with_password(password: &str) -> Result<RedisSentinel> {
+        Self::start_secured(Some(password))
+    }
+
+    fn start_secured(password: Option<&str>) -> Result<RedisSentinel> {
+        let master = RedisServer::start_secured(Mode::Standalone, password)?;
+        let replica = RedisServer::start_secured(Mode::Replica(master.port()), password)?;
+        let mut lines = format!(
             "sentinel monitor {MASTER_NAME} 127.0.0.1 {port} {QUORUM}\n\
              sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
              sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n\
              sentinel parallel-syncs {MASTER_NAME} 1\n",
             port = master.port()
         );
+        if let Some(password) = password {
+            lines.push_str(&format!("sentinel auth-pass {MASTER_NAME} {password}\n"));
+        }
         let sentinels = (0..SENTINELS)
             .map(|_| RedisServer::start_mode(Mode::Sentinel(lines.clone())))
             .collect::<Result<Vec<_>>>()?;

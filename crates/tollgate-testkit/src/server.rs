@@ -54,6 +54,9 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     mode: Mode,
+    /// `requirepass` (and `masterauth`, so it can replicate from a node with the same
+    /// password); [`cmd`](Self::cmd) authenticates with it.
+    password: Option<String>,
     child: Option<Child>,
     /// Kills `child` if this process dies without dropping us (see [`Watchdog`]).
     watchdog: Option<Watchdog>,
@@ -125,6 +128,21 @@ impl RedisServer {
 
     /// Starts a server in `mode` (retried on new ports as [`start`](Self::start) is).
     pub(crate) fn start_mode(mode: Mode) -> Result<RedisServer> {
+        Self::start_secured(mode, None)
+    }
+
+    /// Starts a standalone server that asks for `password` (`requirepass`); [`cmd`](Self::cmd)
+    /// sends it (`AUTH`) before each command.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with_password(password: &str) -> Result<RedisServer> {
+        Self::start_secured(Mode::Standalone, Some(password))
+    }
+
+    /// Starts a server in `mode`, with `password` as its `requirepass` and `masterauth`.
+    pub(crate) fn start_secured(mode: Mode, password: Option<&str>) -> Result<RedisServer> {
         let cluster = matches!(mode, Mode::Cluster);
         let program = find_program("redis-server")?;
         let mut attempt = 1;
@@ -134,6 +152,7 @@ impl RedisServer {
                 port: free_port(cluster)?,
                 dir: make_temp_dir()?,
                 mode: mode.clone(),
+                password: password.map(str::to_owned),
                 child: None,
                 watchdog: None,
             };
@@ -300,7 +319,7 @@ impl RedisServer {
     /// [`cmd`](Self::cmd) with a custom timeout.
     pub(crate) fn cmd_timeout(&self, args: &[&str], timeout: Duration) -> Result<Reply> {
         let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        resp::request(self.addr(), &args, timeout)
+        resp::request(self.addr(), self.password.as_deref(), &args, timeout)
     }
 
     fn args(&self) -> Result<Vec<OsString>> {
@@ -328,6 +347,10 @@ impl RedisServer {
         push("--logfile", self.dir.join(LOG_FILE).as_os_str());
         push("--daemonize", "no".as_ref());
         push("--protected-mode", "no".as_ref());
+        if let Some(password) = &self.password {
+            push("--requirepass", password.as_ref());
+            push("--masterauth", password.as_ref());
+        }
         if matches!(self.mode, Mode::Cluster) {
             push("--cluster-enabled", "yes".as_ref());
             push(

@@ -70,3 +70,16 @@ fn a_killed_master_is_replaced_by_its_replica() {
     assert_eq!(new, group.nodes()[1].addr());
     assert_eq!(role(&group, 1), "master");
 }
+
+#[test]
+fn a_group_with_a_password_forms_and_fails_over() {
+    let mut group = RedisSentinel::start_with_password("pw-2").unwrap();
+    let old = group.master_addr().unwrap();
+    group.failover().unwrap();
+    let new = group
+        .wait_for_new_master(old, Duration::from_secs(20))
+        .unwrap();
+    assert_ne!(new, old);
+    let i = group.node_index(new).unwrap();
+    assert_eq!(role(&group, i), "master");
+}

@@ -234,3 +234,16 @@ fn a_server_does_not_outlive_a_killed_owner() {
         }
     }
 }
+
+#[test]
+fn a_server_with_a_password_asks_for_it() {
+    let server = RedisServer::start_with_password("pw-1").unwrap();
+    // The kit authenticates its own commands.
+    assert_eq!(server.cmd(&["SET", "k", "v"]).unwrap(), ok());
+    // Anyone else is refused until they do.
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    std::io::Write::write_all(&mut stream, b"GET k\r\n").unwrap();
+    let mut reply = [0u8; 7];
+    std::io::Read::read_exact(&mut stream, &mut reply).unwrap();
+    assert_eq!(&reply, b"-NOAUTH");
+}

@@ -28,6 +28,9 @@ async fn a_sentinel_store_loads_and_decides_through_the_master() {
             master: group.master_name().to_owned(),
             nodes: group.sentinel_urls(),
             prefix: "yaml-sentinel".to_owned(),
+            username: None,
+            password: None,
+            db: 0,
         }
     );
     let master = &group.nodes()[group.node_index(group.master_addr().unwrap()).unwrap()];
@@ -77,7 +80,46 @@ fn sentinel_mistakes_are_named() {
     ));
     assert!(e.contains("give one of url"), "{e}");
     let e = err(&format!(
-        "{limits}store:\n  redis:\n    sentinel: {{ master: m, nodes: [\"redis://a:26379\"], db: 1 }}\n"
+        "{limits}store:\n  redis:\n    sentinel: {{ master: m, nodes: [\"redis://a:26379\"], database: 1 }}\n"
     ));
-    assert!(e.contains("unknown field `db`"), "{e}");
+    assert!(e.contains("unknown field `database`"), "{e}");
+}
+
+/// `password` (and `db`) under `sentinel:` reach the master: decisions land in that database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_master_password_and_db_from_yaml() {
+    let group = tokio::task::block_in_place(|| RedisSentinel::start_with_password("yaml-pw"))
+        .expect("a sentinel group starts");
+    let nodes = group
+        .sentinel_urls()
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        "limits:\n  events: {{ requests_per_hour: 1, burst_limit: 2 }}\n\
+         store:\n  redis:\n    sentinel: {{ master: {}, nodes: [{nodes}], password: yaml-pw, db: 3 }}\n    \
+         timeout_ms: 500\n    on_error: fail_closed\n",
+        group.master_name()
+    );
+    let config = Config::parse(&text, "limits.yaml").expect("loads");
+    assert!(!format!("{:?}", config.store).contains("yaml-pw"));
+    let limiter = config.limiter().expect("the limiter builds");
+    let mut admitted = 0;
+    for i in 0..3 {
+        match limiter.check("events", "bob").await {
+            Ok(_) => admitted += 1,
+            Err(e) => assert!(e.is_rate_limited(), "call {i}: {e}"),
+        }
+    }
+    assert_eq!(admitted, 2);
+    let master = &group.nodes()[group.node_index(group.master_addr().unwrap()).unwrap()];
+    assert_eq!(
+        master.cmd(&["DBSIZE"]).unwrap(),
+        Reply::Int(0),
+        "db 0 is untouched"
+    );
+    let keyspace = master.cmd(&["INFO", "keyspace"]).unwrap();
+    let keyspace = keyspace.as_str().expect("INFO is text");
+    assert!(keyspace.contains("db3:keys="), "{keyspace}");
 }

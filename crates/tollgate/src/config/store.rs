@@ -14,7 +14,10 @@ use super::{Config, ConfigError};
 use crate::inbound::OnStoreError;
 
 /// Where the limit state lives, as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` form (what a log line prints) never shows a password: the one in a URL
+/// (`redis://:secret@host`) and the Sentinel master's are replaced with `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     /// In this process.
     Memory,
@@ -37,11 +40,78 @@ pub enum StoreConfig {
     Sentinel {
         /// The name the sentinels monitor the master under.
         master: String,
-        /// The sentinels' URLs.
+        /// The sentinels' URLs (with the sentinels' own credentials, if they have any).
         nodes: Vec<String>,
         /// Key prefix.
         prefix: String,
+        /// The ACL user the master's password belongs to (`None`: the `default` user).
+        username: Option<String>,
+        /// The master's (and its replicas') password, `None` for none.
+        password: Option<String>,
+        /// The database number on the master.
+        db: i64,
     },
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreConfig::Memory => f.write_str("Memory"),
+            StoreConfig::Redis { url, prefix } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .field("prefix", prefix)
+                .finish(),
+            StoreConfig::Cluster { nodes, prefix } => f
+                .debug_struct("Cluster")
+                .field(
+                    "nodes",
+                    &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+                )
+                .field("prefix", prefix)
+                .finish(),
+            StoreConfig::Sentinel {
+                master,
+                nodes,
+                prefix,
+                username,
+                password,
+                db,
+            } => f
+                .debug_struct("Sentinel")
+                .field("master", master)
+                .field(
+                    "nodes",
+                    &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+                )
+                .field("prefix", prefix)
+                .field("username", username)
+                .field("password", &password.as_ref().map(|_| "<redacted>"))
+                .field("db", db)
+                .finish(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) fn redact_url_for_tests(url: &str) -> String {
+    redact_url(url)
+}
+
+/// `url` with the password of its user part, if any, replaced with `<redacted>`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // The user part ends at the last `@` before the path.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:<redacted>@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 /// `store:` as written. Read by hand rather than as an untagged enum, whose only error is "data
@@ -51,11 +121,11 @@ pub(super) enum StoreSpec {
     #[default]
     Default,
     Memory,
-    Redis(RedisSpec),
+    Redis(Box<RedisSpec>),
 }
 
 /// `store: { redis: { ... } }`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub(super) struct RedisSpec {
     #[serde(default)]
@@ -74,12 +144,49 @@ pub(super) struct RedisSpec {
 
 no_repeated_keys!(RedisSpec);
 
-/// `store: { redis: { sentinel: { master: NAME, nodes: [URL, ..] } } }`.
-#[derive(Debug, Clone, Deserialize)]
+impl fmt::Debug for RedisSpec {
+    /// Never a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls = |urls: &[String]| urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>();
+        f.debug_struct("RedisSpec")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("cluster", &self.cluster.as_deref().map(urls))
+            .field("sentinel", &self.sentinel)
+            .field("prefix", &self.prefix)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
+}
+
+/// `store: { redis: { sentinel: { master: NAME, nodes: [URL, ..], username, password, db } } }`.
+#[derive(Clone, Deserialize)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub(super) struct SentinelSpec {
     master: String,
     nodes: Vec<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    db: Option<i64>,
+}
+
+impl fmt::Debug for SentinelSpec {
+    /// Never the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelSpec")
+            .field("master", &self.master)
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+            )
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("db", &self.db)
+            .finish()
+    }
 }
 
 no_repeated_keys!(SentinelSpec);
@@ -122,7 +229,7 @@ impl<'de> Deserialize<'de> for StoreSpec {
                         }
                     }
                 }
-                spec.map(StoreSpec::Redis).ok_or_else(|| {
+                spec.map(|s| StoreSpec::Redis(Box::new(s))).ok_or_else(|| {
                     A::Error::custom(format!("empty store: expected {STORE_EXPECTED}"))
                 })
             }
@@ -170,10 +277,32 @@ impl StoreSpec {
                         "give at least one sentinel url (`redis://host:26379`)",
                     ));
                 }
+                if sentinel.password.as_deref() == Some("") {
+                    return Err(ctx.error(
+                        &at("password"),
+                        "an empty password: leave `password` out if the master has none",
+                    ));
+                }
+                if sentinel.username.is_some() && sentinel.password.is_none() {
+                    return Err(ctx.error(
+                        &at("username"),
+                        "a username needs its `password` (the master's ACL user)",
+                    ));
+                }
+                let db = sentinel.db.unwrap_or(0);
+                if db < 0 {
+                    return Err(ctx.error(
+                        &at("db"),
+                        format!("database {db}: a database number is 0 or more"),
+                    ));
+                }
                 StoreConfig::Sentinel {
                     master: sentinel.master.clone(),
                     nodes: sentinel.nodes.clone(),
                     prefix,
+                    username: sentinel.username.clone(),
+                    password: sentinel.password.clone(),
+                    db,
                 }
             }
             (Some(url), None, None) => StoreConfig::Redis {
@@ -244,6 +373,7 @@ pub(super) fn describe_store(store: &StoreConfig) -> String {
             master,
             nodes,
             prefix,
+            ..
         } => format!(
             "redis master `{master}` through the sentinels at {} (prefix {prefix})",
             nodes.iter().map(|n| host(n)).collect::<Vec<_>>().join(", ")
@@ -272,11 +402,21 @@ pub(super) fn build(
             master,
             nodes,
             prefix,
-        } => redis(
-            config,
-            tollgate_redis::RedisStore::sentinel_builder(master.clone(), nodes.clone())
-                .prefix(prefix.clone()),
-        ),
+            username,
+            password,
+            db,
+        } => {
+            let mut builder =
+                tollgate_redis::RedisStore::sentinel_builder(master.clone(), nodes.clone())
+                    .prefix(prefix.clone());
+            if let Some(password) = password {
+                builder = builder.master_auth(username.as_deref(), password.clone());
+            }
+            if *db != 0 {
+                builder = builder.master_db(*db);
+            }
+            redis(config, builder)
+        }
         #[cfg(not(feature = "redis"))]
         StoreConfig::Redis { .. } | StoreConfig::Cluster { .. } | StoreConfig::Sentinel { .. } => {
             Err(config.store_error("store", "a Redis store needs tollgate's `redis` feature"))

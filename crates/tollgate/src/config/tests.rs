@@ -219,3 +219,91 @@ fn line_of_finds_keys_elements_and_the_deepest_part_there() {
     assert_eq!(line_of("", &a()), None);
     assert_eq!(a().key("b").index(1).key("c").to_string(), "a.b[1].c");
 }
+
+#[test]
+fn store_passwords_never_show_in_debug() {
+    assert_eq!(
+        redact_url_for_test("redis://:s3cret@10.0.0.5:6379/2"),
+        "redis://:<redacted>@10.0.0.5:6379/2"
+    );
+    assert_eq!(
+        redact_url_for_test("rediss://app:s3cret@host:6380"),
+        "rediss://app:<redacted>@host:6380"
+    );
+    assert_eq!(
+        redact_url_for_test("redis://host:6379"),
+        "redis://host:6379"
+    );
+    // A user without a password has nothing to hide; an `@` in the path is no user part.
+    assert_eq!(redact_url_for_test("redis://app@host"), "redis://app@host");
+    assert_eq!(
+        redact_url_for_test("redis+unix:///run/a@b.sock"),
+        "redis+unix:///run/a@b.sock"
+    );
+
+    let stores = [
+        StoreConfig::Redis {
+            url: "redis://:s3cret@h:6379".into(),
+            prefix: "p".into(),
+        },
+        StoreConfig::Cluster {
+            nodes: vec!["redis://u:s3cret@h:7000".into()],
+            prefix: "p".into(),
+        },
+        StoreConfig::Sentinel {
+            master: "m".into(),
+            nodes: vec!["redis://:s3cret@h:26379".into()],
+            prefix: "p".into(),
+            username: Some("app".into()),
+            password: Some("s3cret".into()),
+            db: 0,
+        },
+    ];
+    for store in &stores {
+        let shown = format!("{store:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+}
+
+fn redact_url_for_test(url: &str) -> String {
+    super::store::redact_url_for_tests(url)
+}
+
+#[test]
+fn sentinel_master_credentials_are_read_and_checked() {
+    let limits = "limits:\n  events: { requests_per_hour: 1 }\n";
+    let parse = |sentinel: &str| {
+        Config::parse(
+            &format!("{limits}store:\n  redis:\n    sentinel: {sentinel}\n"),
+            "limits.yaml",
+        )
+    };
+    let config =
+        parse("{ master: m, nodes: [\"redis://a:26379\"], username: app, password: pw, db: 3 }")
+            .unwrap();
+    assert_eq!(
+        config.store,
+        StoreConfig::Sentinel {
+            master: "m".into(),
+            nodes: vec!["redis://a:26379".into()],
+            prefix: "tollgate".into(),
+            username: Some("app".into()),
+            password: Some("pw".into()),
+            db: 3,
+        }
+    );
+    let error = |sentinel: &str| parse(sentinel).unwrap_err().to_string();
+    let e = error("{ master: m, nodes: [\"redis://a:26379\"], username: app }");
+    assert!(
+        e.contains("limits.yaml:5: store.redis.sentinel.username") && e.contains("password"),
+        "{e}"
+    );
+    let e = error("{ master: m, nodes: [\"redis://a:26379\"], password: \"\" }");
+    assert!(e.contains("store.redis.sentinel.password"), "{e}");
+    let e = error("{ master: m, nodes: [\"redis://a:26379\"], db: -1 }");
+    assert!(
+        e.contains("store.redis.sentinel.db") && e.contains("0 or more"),
+        "{e}"
+    );
+}
