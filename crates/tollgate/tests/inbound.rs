@@ -484,6 +484,7 @@ async fn limiter(
     trusted: TrustedProxies,
 ) -> RateLimitLayer<ApiKeys> {
     RateLimitLayer::builder(build(policy), api_keys(trusted))
+        .decision_extension(true)
         .shared_store(backend.store(ns).await)
         .timeout(STORE_TIMEOUT)
         .on_store_error(OnStoreError::FailClosed)
@@ -927,6 +928,21 @@ async fn decision_extension(b: &Backend) {
     }
 }
 
+/// Without `decision_extension(true)` the handler finds no decision (the default: the extension
+/// costs an allocation per request), but the response still carries the headers.
+async fn no_decision_extension_by_default(b: &Backend) {
+    let layer = RateLimitLayer::builder(build(tiers()), api_keys(TrustedProxies::none()))
+        .shared_store(b.store("no-extension").await)
+        .timeout(STORE_TIMEOUT)
+        .build()
+        .expect("a valid layer");
+    let s = serve(common::routes().layer(layer)).await;
+    let reply = s.get("/api/whoami", ALICE).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.body, "none");
+    assert_eq!(reply.limits().policy, "basic");
+}
+
 /// `Router::layer`, `Router::route_layer` and a `tower::ServiceBuilder` around the whole router.
 async fn layer_forms(b: &Backend) {
     let policy = || {
@@ -1030,6 +1046,7 @@ async fn suite(backend: Backend) {
         exempt_and_unknown_paths,
         hostile_headers,
         decision_extension,
+        no_decision_extension_by_default,
         layer_forms,
         two_instances_share_the_limit,
     );

@@ -146,6 +146,7 @@ async fn metrics_match_the_responses() {
     let enforcing = common::serve(
         app().layer(
             RateLimitLayer::builder(enforcing, common::by_header)
+                .decision_extension(true)
                 .build()
                 .expect("a valid layer"),
         ),
@@ -154,6 +155,7 @@ async fn metrics_match_the_responses() {
     let shadow = common::serve(
         app().layer(
             RateLimitLayer::builder(shadow, common::by_header)
+                .decision_extension(true)
                 .build()
                 .expect("a valid layer"),
         ),

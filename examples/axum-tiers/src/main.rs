@@ -326,7 +326,13 @@ fn install_metrics() -> Result<PrometheusHandle, String> {
 async fn run(args: Args) -> Result<(), String> {
     let config = load(&args.config, args.redis.as_deref())?;
     let metrics = install_metrics()?;
-    let limiter = config.layer().map_err(|e| e.to_string())?;
+    // `hello` shows the caller's decision: the layer puts it in the request (off by default).
+    let limiter = config
+        .layer_builder()
+        .map_err(|e| e.to_string())?
+        .decision_extension(true)
+        .build()
+        .map_err(|e| e.to_string())?;
     #[cfg(unix)]
     reload_on_sighup(
         args.config.clone(),

@@ -123,6 +123,19 @@ impl Config {
     /// this must run inside a Tokio runtime. Needs the `redis` feature for a Redis store. Its
     /// errors name where the configuration came from ([`Config::source`]).
     pub fn layer(&self) -> Result<crate::inbound::RateLimitLayer<ApiKeys>, ConfigError> {
+        let builder = self.layer_builder()?;
+        // Everything `build` checks was checked against the file already; a mistake here is in a
+        // configuration changed after loading.
+        builder.build().map_err(|e| self.error(None, e))
+    }
+
+    /// The builder of [`layer`](Self::layer), set up from this configuration, for what the file
+    /// does not say: the breaker, the decision extension for handlers
+    /// ([`decision_extension`](crate::inbound::RateLimitLayerBuilder::decision_extension)), the
+    /// denied-until cache's size. Its errors are [`layer`](Self::layer)'s.
+    pub fn layer_builder(
+        &self,
+    ) -> Result<crate::inbound::RateLimitLayerBuilder<ApiKeys>, ConfigError> {
         if self.policy.tier(&self.keys.anonymous_tier()).is_none() {
             return Err(self.error(
                 Some("rate_limits"),
@@ -133,13 +146,10 @@ impl Config {
             crate::inbound::RateLimitLayer::builder(self.policy.clone(), self.keys.clone())
                 .on_store_error(self.on_error)
                 .timeout(self.timeout);
-        let builder = match store::build(self)? {
+        Ok(match store::build(self)? {
             Some(store) => builder.shared_store(store),
             None => builder,
-        };
-        // Everything `build` checks was checked against the file already; a mistake here is in a
-        // configuration changed after loading.
-        builder.build().map_err(|e| self.error(None, e))
+        })
     }
 
     /// Builds the plain [`Limiter`](crate::limiter::Limiter) of the `limits:` section over the

@@ -29,6 +29,9 @@ pub(crate) struct Shared {
     /// The misconfigurations (by reason) logged already: the log says each once, the metric
     /// counts every request.
     pub(crate) misconfigured: std::sync::Mutex<Vec<&'static str>>,
+    /// Whether a passing request carries its [`RateLimitDecision`] (the builder's
+    /// `decision_extension`).
+    pub(crate) decision_extension: bool,
 }
 
 /// Counts a decision in the tier's metrics.
@@ -141,7 +144,7 @@ impl Shared {
             Guarded::Local(verdict) => (verdict, false),
             Guarded::Open => {
                 Self::store_failed(plan);
-                return Self::fail_open(plan);
+                return self.fail_open(plan);
             }
             Guarded::Closed => {
                 Self::store_failed(plan);
@@ -155,12 +158,12 @@ impl Shared {
         if verdict.is_allowed() {
             count(plan, outcome::ALLOWED);
             tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::ALLOWED, "rate limit");
-            return Self::forward(owned, binding, decision, verdict.delay(), false);
+            return self.forward(owned, binding, decision, verdict.delay(), false);
         }
         if plan.policy.is_shadow() {
             count(plan, outcome::SHADOW_LIMITED);
             tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::SHADOW_LIMITED, "rate limit");
-            return Self::forward(owned, binding, decision, Duration::ZERO, true);
+            return self.forward(owned, binding, decision, Duration::ZERO, true);
         }
         if verdict.outcome() == Outcome::InsufficientCapacity {
             return Self::never(plan, &verdict);
@@ -195,11 +198,11 @@ impl Shared {
     }
 
     /// `fail_open`: the request passes without a decision; the handler sees `store_error`.
-    fn fail_open(plan: &Plan) -> Next {
+    fn fail_open(&self, plan: &Plan) -> Next {
         Next::Forward {
             after: None,
             delay: Duration::ZERO,
-            extension: Some(RateLimitDecision {
+            extension: self.decision_extension.then(|| RateLimitDecision {
                 tier: Arc::clone(plan.tier_name()),
                 policy: Arc::clone(plan.tier_name()),
                 decision: Decision {
@@ -233,18 +236,19 @@ impl Shared {
     }
 
     fn forward(
+        &self,
         plan: Plan,
         binding: usize,
         decision: Decision,
         delay: Duration,
         shadow: bool,
     ) -> Next {
-        let extension = RateLimitDecision {
+        let extension = self.decision_extension.then(|| RateLimitDecision {
             tier: Arc::clone(plan.tier_name()),
             policy: Arc::clone(&plan.limit(binding).name),
             decision,
             store_error: false,
-        };
+        });
         let mode = plan.policy.header_mode();
         // Without headers to write (or a shadow Retry-After to remove), nothing to do afterwards.
         let after = (mode != HeaderMode::None || shadow).then(|| After {
@@ -257,7 +261,7 @@ impl Shared {
         Next::Forward {
             after,
             delay,
-            extension: Some(extension),
+            extension,
         }
     }
 

@@ -37,7 +37,9 @@
 //!    the known retry time, without a store call (exact: nothing can make that time earlier under
 //!    the same policy; entries are keyed by the tier bucket and route, and a reload empties it).
 //! 5. Allowed: the handler runs (after a leaky bucket's shaping delay), with the
-//!    [`RateLimitDecision`] in the request's extensions, and the response gets the rate-limit
+//!    [`RateLimitDecision`] in the request's extensions if the layer was built with
+//!    [`decision_extension(true)`](RateLimitLayerBuilder::decision_extension) (off by default:
+//!    it costs an allocation per request), and the response gets the rate-limit
 //!    headers of the limit closest to denial. Denied: **429** with `Retry-After`, the headers and
 //!    an `application/problem+json` body. In shadow mode the request passes with the headers,
 //!    counted as `shadow_limited`.
