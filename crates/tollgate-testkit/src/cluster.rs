@@ -494,6 +494,18 @@ impl RedisCluster {
                     }
                     if state != "connected" {
                         problems.push(format!("node {i}: replication link {state}, not connected"));
+                    } else if let Some(m) = master_of[i] {
+                        // The replica says `connected` as soon as it has loaded the snapshot; the
+                        // master streams the writes since then (and counts it for `WAIT`) only
+                        // once it has the replica's first ack: `state=online` on its side.
+                        let port = self.nodes[i].port();
+                        match replica_state_on_master(&self.nodes[m], port) {
+                            Ok(Some(online)) if online == "online" => {}
+                            Ok(other) => problems.push(format!(
+                                "node {i}: its master, node {m}, reports it as {other:?}, not online"
+                            )),
+                            Err(e) => problems.push(format!("node {m}: {e}")),
+                        }
                     }
                 }
             }
@@ -641,6 +653,34 @@ fn describe(slots: &[(i64, i64, usize)]) -> String {
         .map(|(first, last, owner)| format!("{first}-{last}:node {owner}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The `state` (`wait_bgsave`, `send_bulk`, `online`) `master`'s `INFO replication` gives the
+/// replica on `port`, if it lists it.
+fn replica_state_on_master(master: &RedisServer, port: u16) -> Result<Option<String>> {
+    let reply = master.cmd_timeout(&["INFO", "replication"], PROBE_TIMEOUT)?;
+    let text = reply
+        .as_str()
+        .ok_or_else(|| Error::Protocol(format!("unexpected INFO replication reply {reply:?}")))?;
+    // slave0:ip=127.0.0.1,port=6380,state=online,offset=42,lag=0
+    let port = port.to_string();
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with("slave"))
+        .filter_map(|line| line.split_once(':'))
+        .map(|(_, fields)| {
+            fields
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .collect::<Vec<_>>()
+        })
+        .find(|fields| fields.contains(&("port", port.as_str())))
+        .and_then(|fields| {
+            fields
+                .iter()
+                .find(|(k, _)| *k == "state")
+                .map(|(_, v)| (*v).to_owned())
+        }))
 }
 
 /// `node`'s role per `ROLE`: `["master", offset, replicas]` or

@@ -30,18 +30,39 @@ fn key_on(cluster: &RedisCluster, master: usize) -> String {
         .unwrap_or_else(|| panic!("no key found on node {master}"))
 }
 
-/// Writes `key` on `master` and waits until its replica has acknowledged it (`WAIT 1`).
+/// An integer field of `node`'s `INFO replication`.
+fn replication_offset(node: &RedisServer, field: &str) -> i64 {
+    let reply = node.cmd(&["INFO", "replication"]).unwrap();
+    let text = reply.as_str().unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {text}"))
+}
+
+/// Writes `key` on `master` and waits until every replica has applied it: its
+/// `slave_repl_offset` reaches the master's offset after the write. (`WAIT` would need the
+/// write's connection, and `cmd` opens one per command.)
 fn write_replicated(cluster: &RedisCluster, master: usize, key: &str, value: &str) {
     let node = &cluster.nodes()[master];
     assert_eq!(
         node.cmd(&["SET", key, value]).unwrap(),
         Reply::Status("OK".into())
     );
-    assert_eq!(
-        node.cmd(&["WAIT", "1", "5000"]).unwrap(),
-        Reply::Int(1),
-        "the replica of node {master} did not acknowledge the write"
-    );
+    let written = replication_offset(node, "master_repl_offset");
+    let replicas = cluster.replicas_of(master).unwrap();
+    assert!(!replicas.is_empty(), "node {master} has no replica");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for replica in replicas {
+        let replica_node = &cluster.nodes()[replica];
+        while replication_offset(replica_node, "slave_repl_offset") < written {
+            assert!(
+                Instant::now() < deadline,
+                "replica {replica} of node {master} did not apply the write (offset {written})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// The only replica of `master`.
@@ -86,7 +107,11 @@ fn a_cluster_with_replicas_starts_with_every_master_paired() {
         );
     }
     seen.sort_unstable();
-    assert_eq!(seen, [0, 1, 2, 3, 4, 5], "every node is a master or a replica");
+    assert_eq!(
+        seen,
+        [0, 1, 2, 3, 4, 5],
+        "every node is a master or a replica"
+    );
     cluster.wait_ok(Duration::from_secs(1)).unwrap();
 }
 
@@ -115,7 +140,10 @@ fn a_killed_master_is_replaced_by_its_replica() {
     assert_eq!(cluster.node_for_key(&key).unwrap(), new);
     let masters = cluster.masters().unwrap();
     assert_eq!(masters.len(), 3);
-    assert!(masters.contains(&new) && !masters.contains(&old), "{masters:?}");
+    assert!(
+        masters.contains(&new) && !masters.contains(&old),
+        "{masters:?}"
+    );
     // The replicated write survived; the new master takes writes.
     let node = &cluster.nodes()[new];
     assert_eq!(
