@@ -306,6 +306,19 @@ async fn a_master_killed_under_load_is_replaced_by_its_replica_and_the_store_fol
         let tag = tag_on(&cluster, &store, m);
         burst_is_exact(&store, &format!("{{{tag}}}:every-master")).await;
     }
+
+    // The killed node comes back as a replica of the promoted one; the store, which never saw
+    // it as anything but a dead master, keeps deciding on the promoted node.
+    blocking(|| cluster.restart_node(victim)).unwrap();
+    assert_eq!(cluster.master_of(victim).unwrap(), Some(new));
+    assert_eq!(
+        cluster
+            .node_for_key(&store.redis_key(&format!("{{{tag}}}")))
+            .unwrap(),
+        new
+    );
+    decisions_reach(&store, &cluster, &tag, new).await;
+    burst_is_exact(&store, &format!("{{{tag}}}:rejoined")).await;
 }
 
 /// Several tasks deciding `[own limit, global limit]` at once; the global limit's burst is `B` and
@@ -468,4 +481,49 @@ async fn a_master_paused_briefly_times_calls_out_and_the_store_recovers() {
         "a master was frozen for 1.5 s, yet no call timed out"
     );
     burst_is_exact(&store, &format!("{{{tag}}}:after")).await;
+}
+
+/// A replica that is down must not keep the store from loading the script on a master that lost
+/// it (restarted, flushed): redis-rs sends `SCRIPT LOAD` to every node it knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_does_not_keep_the_script_from_loading() {
+    let mut cluster = common::cluster_with_replicas();
+    let store = store(cluster.urls(), TIMEOUT).await;
+    let master = cluster.masters().unwrap()[0];
+    let replica = replica_of(&cluster, master);
+    let tag = tag_on(&cluster, &store, master);
+    burst_is_exact(&store, &format!("{{{tag}}}:before")).await;
+
+    blocking(|| cluster.stop_node(replica));
+    // Until the others flag it failed, and after.
+    for wait in [Duration::ZERO, Duration::from_secs(5)] {
+        tokio::time::sleep(wait).await;
+        let node = &cluster.nodes()[master];
+        let sha = script_sha1(node);
+        assert_eq!(
+            node.cmd(&["SCRIPT", "FLUSH"]).unwrap(),
+            Reply::Status("OK".into())
+        );
+        assert!(!script_cached(node, &sha));
+        let key = format!("{{{tag}}}:after-{}", wait.as_secs());
+        let quota = Quota::per_hour(1_000).unwrap();
+        let mut last = String::new();
+        let started = Instant::now();
+        loop {
+            match store.decide(&[Limit::new(&key, &quota, 1)]).await {
+                Ok(_) => break,
+                Err(e) => last = format!("{:?}: {e}", e.kind()),
+            }
+            assert!(
+                started.elapsed() < RECOVERY,
+                "no decision on node {master} (script flushed, replica {replica} down, {wait:?} \
+                 after the stop) within {RECOVERY:?}: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "{wait:?} after the stop: decided after {:?} ({last})",
+            started.elapsed()
+        );
+    }
 }

@@ -350,6 +350,9 @@ impl RedisServer {
             push("--cluster-replica-validity-factor", "0".as_ref());
             push("--cluster-replica-no-failover", "no".as_ref());
             push("--cluster-allow-replica-migration", "no".as_ref());
+            // A replica's first sync starts at once, not after the default 5 s wait for more
+            // replicas to share the snapshot.
+            push("--repl-diskless-sync-delay", "0".as_ref());
         }
         if let Mode::Replica(master) = self.mode {
             // Host and port are two words: two arguments, or redis-server quotes them as one.
