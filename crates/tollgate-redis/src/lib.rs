@@ -168,7 +168,9 @@
 //! `rate_limiter_store_compensation_errors_total{store="redis",op}`.
 //!
 //! The script is run with `EVALSHA`; after a `SCRIPT FLUSH` or a restart the server answers
-//! `NOSCRIPT`, and the call loads the script and runs it again once (the script had not run). On a
+//! `NOSCRIPT`, and the call loads the script and runs it again once (the script had not run). A
+//! second `NOSCRIPT` (on a cluster during a failover, the script loaded on the nodes redis-rs had
+//! connections to, not the one that answered) fails the call as unavailable. On a
 //! cluster, redis-rs also follows `MOVED` / `ASK` redirections and `TRYAGAIN` (the script had not
 //! run either), and it retries a request whose connection dropped after sending, which can charge
 //! a request twice: an error toward denial.
