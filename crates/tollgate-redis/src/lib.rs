@@ -86,6 +86,16 @@
 //! slots agree on one departure time first, then hold it in every group, giving back and retrying
 //! if it was taken meanwhile.
 //!
+//! **A failover.** When a master dies, the cluster promotes its replica once the other masters
+//! agree it is down (a few seconds with a 2 s `cluster-node-timeout`). Meanwhile calls on its
+//! slots fail as unavailable (connection refused, `CLUSTERDOWN`) or time out, like calls on the
+//! other masters' slots once the cluster reports itself down; then redis-rs learns the new slot
+//! map and the calls go to the promoted replica, whose `NOSCRIPT` makes the call load the script
+//! if it lacks it. In the tests (three masters with one replica each), decisions come from the
+//! promoted replica within milliseconds of the promotion, and a cross-slot limit admits no more
+//! than its burst before and after. What a failover can lose is as with Sentinel (below): the
+//! writes the replica had not received yet.
+//!
 //! # Sentinel
 //!
 //! [`RedisStore::sentinel_builder`] takes the name the sentinels monitor the master under and
@@ -162,7 +172,9 @@
 //! `rate_limiter_store_compensation_errors_total{store="redis",op}`.
 //!
 //! The script is run with `EVALSHA`; after a `SCRIPT FLUSH` or a restart the server answers
-//! `NOSCRIPT`, and the call loads the script and runs it again once (the script had not run). On a
+//! `NOSCRIPT`, and the call loads the script and runs it again once (the script had not run). A
+//! second `NOSCRIPT` (on a cluster during a failover, the script loaded on the nodes redis-rs had
+//! connections to, not the one that answered) fails the call as unavailable. On a
 //! cluster, redis-rs also follows `MOVED` / `ASK` redirections and `TRYAGAIN` (the script had not
 //! run either), and it retries a request whose connection dropped after sending, which can charge
 //! a request twice: an error toward denial.

@@ -98,6 +98,11 @@ pub(crate) fn map_error(e: redis::RedisError) -> StoreError {
                     // answers MOVED back to it). The script had not run.
                     | redis::ServerErrorKind::Moved
                     | redis::ServerErrorKind::Ask
+                    // NOSCRIPT even after loading the script: on a cluster whose topology is
+                    // changing (a failover), redis-rs loads it on the nodes it has connections to,
+                    // which may not include the node the call then reaches. The script had not
+                    // run; a later call, once the slot map is refreshed, loads it there.
+                    | redis::ServerErrorKind::NoScript
             ) | redis::ErrorKind::ClusterConnectionNotFound
         )
     {
@@ -344,6 +349,29 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_of_a_call_that_did_not_run_are_unavailable() {
+        use redis::{ErrorKind, RedisError, ServerErrorKind};
+        let not_run = [
+            RedisError::from((ErrorKind::Server(ServerErrorKind::NoScript), "NOSCRIPT")),
+            RedisError::from((
+                ErrorKind::Server(ServerErrorKind::ClusterDown),
+                "CLUSTERDOWN",
+            )),
+            RedisError::from((ErrorKind::Server(ServerErrorKind::TryAgain), "TRYAGAIN")),
+        ];
+        for e in not_run {
+            let message = e.to_string();
+            assert_eq!(
+                map_error(e).kind(),
+                StoreErrorKind::Unavailable,
+                "{message}"
+            );
+        }
+        let other = RedisError::from((ErrorKind::UnexpectedReturnType, "not a string"));
+        assert_eq!(map_error(other).kind(), StoreErrorKind::Other);
+    }
 
     fn packed(values: &[i64]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()

@@ -7,8 +7,10 @@
 //!
 //! - [`RedisServer`]: a standalone node, which can be stopped and restarted on the same
 //!   port to simulate outages.
-//! - [`RedisCluster`]: N masters (3 by default) joined into a Redis Cluster with
-//!   `redis-cli --cluster create`; single nodes can be stopped and restarted.
+//! - [`RedisCluster`]: N masters (3 by default), optionally each with replicas, joined into a
+//!   Redis Cluster with `redis-cli --cluster create`; single nodes can be stopped, paused and
+//!   restarted, and [`RedisCluster::wait_for_failover`] waits for a replica to replace a
+//!   killed master.
 //! - [`RedisSentinel`]: a master, its replica and three sentinels (quorum 2), with helpers to
 //!   force a failover and wait for the new master.
 //! - [`Blackhole`]: a port whose packets are dropped (two `iptables` rules), a network

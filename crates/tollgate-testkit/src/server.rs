@@ -219,6 +219,12 @@ impl RedisServer {
         }
     }
 
+    /// Whether a process was started and not [`stop`](Self::stop)ped since (without reaping or
+    /// probing it: a paused server counts as started).
+    pub(crate) fn is_started(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Kills the process with `SIGKILL` and waits for it, so no zombie is left and the port
     /// is closed when this returns. Idempotent. The port and directory are kept, ready for
     /// [`restart`](Self::restart).
@@ -361,6 +367,15 @@ impl RedisServer {
                 "--cluster-node-timeout",
                 CLUSTER_NODE_TIMEOUT_MS.to_string().as_ref(),
             );
+            // A replica may always be promoted, however long ago it last heard from its master
+            // (the default refuses replicas whose data is older than 10 node timeouts), and
+            // replicas stay with the master `redis-cli` paired them with.
+            push("--cluster-replica-validity-factor", "0".as_ref());
+            push("--cluster-replica-no-failover", "no".as_ref());
+            push("--cluster-allow-replica-migration", "no".as_ref());
+            // A replica's first sync starts at once, not after the default 5 s wait for more
+            // replicas to share the snapshot.
+            push("--repl-diskless-sync-delay", "0".as_ref());
         }
         if let Mode::Replica(master) = self.mode {
             // Host and port are two words: two arguments, or redis-server quotes them as one.

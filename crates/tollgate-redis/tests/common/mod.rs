@@ -25,6 +25,14 @@ pub fn cluster() -> RedisCluster {
     }
 }
 
+/// Three masters, each with one replica (6 nodes), for failover tests.
+pub fn cluster_with_replicas() -> RedisCluster {
+    match RedisCluster::start_with_replicas(3, 1) {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start a redis cluster with replicas: {e}"),
+    }
+}
+
 pub fn sentinel() -> RedisSentinel {
     match RedisSentinel::start() {
         Ok(s) => s,
