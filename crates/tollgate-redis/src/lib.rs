@@ -145,6 +145,10 @@
 //!
 //! # Failures
 //!
+//! The user guide's "Failure behaviour" (`docs/guide.md` in the repository) tabulates what each
+//! fault the tests inject does (a refused connection, a frozen server, a blackholed port, a
+//! Sentinel or Cluster failover, a killed master) and a chaos soak's per-phase results.
+//!
 //! Every call has a deadline (the `timeout`, 50 ms by default, covering connecting, loading the
 //! script and running it). A call fails with a [`StoreError`](tollgate_core::StoreError) that
 //! tells the layer above what happened:
