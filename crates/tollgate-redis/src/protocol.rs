@@ -11,7 +11,7 @@ use tollgate_core::{
 };
 
 use crate::deadline::ClockOffset;
-use crate::script::{Mode, SCRIPT, algorithm_code};
+use crate::script::{LIBRARY, Mode, SCRIPT, algorithm_code};
 use crate::store::{Connection, RedisStore};
 
 /// The status of a script call that ran after its deadline and wrote nothing (`late` in
@@ -106,6 +106,14 @@ pub(crate) fn map_error(e: redis::RedisError) -> StoreError {
         StoreErrorKind::Other
     };
     StoreError::new(kind, e)
+}
+
+/// Whether `FCALL` failed because the server does not have the library (yet): restarted,
+/// `FUNCTION FLUSH`ed, a node that never had it. The call did not run.
+fn function_missing(e: &redis::RedisError) -> bool {
+    e.code() == Some("ERR")
+        && e.detail()
+            .is_some_and(|d| d.starts_with("Function not found"))
 }
 
 /// The script's reply, `3 + 8 n` little-endian 64-bit integers in one string (see `packed` in
@@ -210,11 +218,45 @@ pub(crate) fn micros(d: Duration) -> u64 {
 }
 
 impl RedisStore {
-    /// One script call over the connection, whatever its type.
-    async fn invoke<C: ConnectionLike>(
+    /// One call of the Lua code over the connection, whatever its type: `FCALL` of the function
+    /// library, or `EVALSHA` of the script, as [`Scripting`](crate::Scripting) and what the
+    /// server supports say.
+    ///
+    /// A server without the library (restarted, `FUNCTION FLUSH`, a new node) answers "Function
+    /// not found": the call had not run, so the library is loaded (`FUNCTION LOAD REPLACE`) and
+    /// the call sent once more, as `EVALSHA` does on `NOSCRIPT`. Nothing else is ever resent.
+    async fn run<C: ConnectionLike>(
+        &self,
         conn: &mut C,
-        invocation: &redis::ScriptInvocation<'_>,
+        keys: &[&str],
+        args: &[String],
     ) -> Result<Vec<u8>, StoreError> {
+        if self.inner.scripting.uses_functions() {
+            let library = &*LIBRARY;
+            let mut fcall = redis::cmd("FCALL");
+            fcall.arg(&library.name).arg(keys.len()).arg(keys).arg(args);
+            let refused = match fcall.query_async(conn).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) if function_missing(&e) => {
+                    let load = redis::cmd("FUNCTION")
+                        .arg("LOAD")
+                        .arg("REPLACE")
+                        .arg(&library.source)
+                        .query_async::<redis::Value>(conn)
+                        .await;
+                    match load {
+                        Ok(_) => return fcall.query_async(conn).await.map_err(map_error),
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            if !self.inner.scripting.falls_back(&refused) {
+                return Err(map_error(refused));
+            }
+        }
+        let mut invocation = SCRIPT.prepare_invoke();
+        invocation.key(keys).arg(args);
         invocation.invoke_async(conn).await.map_err(map_error)
     }
 
@@ -236,10 +278,7 @@ impl RedisStore {
         floor: u64,
         budget: Budget,
     ) -> Result<Answer, StoreError> {
-        let mut invocation = SCRIPT.prepare_invoke();
-        for item in items {
-            invocation.key(&item.key);
-        }
+        let keys: Vec<&str> = items.iter().map(|item| item.key.as_str()).collect();
         let now = self
             .inner
             .clock
@@ -252,31 +291,34 @@ impl RedisStore {
         } else {
             0
         };
-        invocation
-            .arg(mode.as_str())
-            .arg(now)
-            .arg(id)
-            .arg(arg4)
-            .arg(floor)
-            .arg(deadline);
+        let mut args = Vec::with_capacity(6 + 7 * items.len());
+        args.extend([
+            mode.as_str().to_owned(),
+            now,
+            id.to_owned(),
+            arg4.to_string(),
+            floor.to_string(),
+            deadline.to_string(),
+        ]);
         for item in items {
             let q = item.limit.quota;
-            invocation
-                .arg(algorithm_code(q.algorithm()))
-                .arg(q.limit())
-                .arg(q.interval_micros())
-                .arg(q.max_delay_micros())
-                .arg(item.cost)
-                .arg(item.a)
-                .arg(item.b);
+            args.extend([
+                algorithm_code(q.algorithm()).to_string(),
+                q.limit().to_string(),
+                q.interval_micros().to_string(),
+                q.max_delay_micros().to_string(),
+                item.cost.to_string(),
+                item.a.to_string(),
+                item.b.to_string(),
+            ]);
         }
         let sent = Instant::now();
         let reply = self
             .within(budget.deadline, async {
                 match self.inner.conn.clone() {
-                    Connection::Standalone(mut c) => Self::invoke(&mut c, &invocation).await,
-                    Connection::Cluster(mut c) => Self::invoke(&mut c, &invocation).await,
-                    Connection::Sentinel(mut c) => Self::invoke(&mut c, &invocation).await,
+                    Connection::Standalone(mut c) => self.run(&mut c, &keys, &args).await,
+                    Connection::Cluster(mut c) => self.run(&mut c, &keys, &args).await,
+                    Connection::Sentinel(mut c) => self.run(&mut c, &keys, &args).await,
                 }
             })
             .await?;
