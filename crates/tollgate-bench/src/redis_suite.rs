@@ -1,6 +1,7 @@
 //! `redis`: decisions per second from one process on a `redis-server` the runner starts.
 //!
-//! * tollgate: `RedisStore::decide`, each call one `EVALSHA` of tollgate's script, from N tokio
+//! * tollgate: `RedisStore::decide`, each call one `FCALL` of tollgate's function library (the
+//!   store's default on Redis 7), from N tokio
 //!   tasks sharing the store's one multiplexed connection, on one runtime thread.
 //! * ceiling: `redis-benchmark` (one thread, `-c N -P 1`) sending the very same `EVALSHA` with the
 //!   same keys and arguments: what the server can do with this script, client cost aside.
@@ -12,7 +13,10 @@
 //!   holds a connection of the pool, so every command is a round trip of its own).
 //!
 //! Besides decisions per second and latencies: the client's CPU time per decision, tollgate's
-//! against the naive peer's (on the shared connection). One runtime thread drives every client
+//! against the naive peer's (on the shared connection); and Redis' own CPU time per decision
+//! (`INFO commandstats`: the usec of `FCALL` / `EVALSHA` over their calls), tollgate's script
+//! against a textbook GCRA script of our own ([`TEXTBOOK`]) driven the same way over the same
+//! keys. One runtime thread drives every client
 //! task and the connections' own tasks, so its CPU time over a run is the client side's.
 
 use std::process::Command;
@@ -32,6 +36,32 @@ use crate::report::{Row, median, throughput_ratio, time_ratio};
 const TASKS: [usize; 3] = [1, 16, 128];
 /// The limits of a decision: tier, route and global, sharing one hash tag (one cluster slot).
 const KEYS: [&str; 3] = ["{bench}:tier", "{bench}:route", "{bench}:global"];
+
+/// The peer of the Redis CPU rows: the textbook GCRA script, written for this benchmark. Per key
+/// a `GET` of the theoretical arrival time, the arithmetic, and a `SET ... PX` of each only when
+/// all allow. `ARGV`: per key, the emission interval (µs) and the burst.
+const TEXTBOOK: &str = r"local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local tats, all = {}, true
+for i = 1, #KEYS do
+  local interval, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then
+    tat = now
+  end
+  tats[i] = tat + interval
+  if tats[i] - now > interval * burst then
+    all = false
+  end
+end
+if all then
+  for i = 1, #KEYS do
+    local ttl = math.ceil((tats[i] - now) / 1000)
+    redis.call('SET', KEYS[i], string.format('%d', tats[i]), 'PX', ttl)
+  end
+end
+return all and 1 or 0
+";
 
 /// The generous quota every limit gets: a million per second, a million at once.
 fn quota() -> Result<Quota, BoxError> {
@@ -247,6 +277,106 @@ fn check_evalsha(server: &RedisServer, command: &[String], n: usize) -> Result<(
     }
 }
 
+/// The textbook script over the same keys as tollgate's decision over `n` limits, from `tasks`
+/// tasks sharing one multiplexed connection, as the store shares its own.
+async fn textbook_load(
+    store: &RedisStore,
+    conn: &MultiplexedConnection,
+    n: usize,
+    tasks: usize,
+    duration: Duration,
+) -> Result<Load, BoxError> {
+    let quota = quota()?;
+    let script = Arc::new(redis::Script::new(TEXTBOOK));
+    let keys: Arc<Vec<String>> = Arc::new(KEYS[..n].iter().map(|k| store.redis_key(k)).collect());
+    drive(tasks, duration, || {
+        let (conn, script, keys) = (conn.clone(), Arc::clone(&script), Arc::clone(&keys));
+        move || {
+            let (mut conn, script, keys) = (conn.clone(), Arc::clone(&script), Arc::clone(&keys));
+            async move {
+                let mut call = script.prepare_invoke();
+                call.key(keys.as_slice());
+                for _ in 0..keys.len() {
+                    call.arg(quota.interval_micros()).arg(quota.limit());
+                }
+                let allowed: i64 = call.invoke_async(&mut conn).await?;
+                Ok(allowed == 1)
+            }
+        }
+    })
+    .await
+}
+
+/// Redis' command time per script call since the last `CONFIG RESETSTAT`, in seconds: the usec
+/// of `FCALL` and `EVALSHA` over their calls (`INFO commandstats`).
+fn redis_cpu_per_call(server: &RedisServer) -> Result<f64, BoxError> {
+    let info = server.cmd(&["INFO", "commandstats"])?;
+    let text = info.as_str().ok_or("INFO commandstats is not a string")?;
+    let (mut calls, mut usec) = (0u64, 0u64);
+    for line in text.lines() {
+        let Some(fields) = ["cmdstat_fcall:", "cmdstat_evalsha:"]
+            .iter()
+            .find_map(|p| line.strip_prefix(p))
+        else {
+            continue;
+        };
+        for field in fields.trim().split(',') {
+            match field.split_once('=') {
+                Some(("calls", v)) => calls += v.parse::<u64>()?,
+                Some(("usec", v)) => usec += v.parse::<u64>()?,
+                _ => {}
+            }
+        }
+    }
+    if calls == 0 {
+        return Err("no FCALL or EVALSHA ran".into());
+    }
+    Ok(usec as f64 / calls as f64 / 1e6)
+}
+
+/// The Redis CPU rows: per decision over `n` limits, tollgate's store against the textbook
+/// script, 16 tasks each, rounds interleaved, the median of each.
+fn redis_cpu_rows(
+    runtime: &tokio::runtime::Runtime,
+    server: &RedisServer,
+    store: &RedisStore,
+    conn: &MultiplexedConnection,
+    rounds: usize,
+    duration: Duration,
+) -> Result<Vec<Row>, BoxError> {
+    let mut rows = Vec::new();
+    for n in [1, 3] {
+        let (mut ours, mut textbook) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            server.cmd(&["CONFIG", "RESETSTAT"])?;
+            runtime.block_on(tollgate_load(store, n, 16, duration))?;
+            ours.push(redis_cpu_per_call(server)?);
+            server.cmd(&["CONFIG", "RESETSTAT"])?;
+            runtime.block_on(textbook_load(store, conn, n, 16, duration))?;
+            textbook.push(redis_cpu_per_call(server)?);
+        }
+        let (ours, textbook) = (median(&mut ours), median(&mut textbook));
+        let us = |v: f64| format!("{:.2} µs", v * 1e6);
+        let label = format!(
+            "redis: Redis CPU per decision, {n} limit{}",
+            if n == 1 { "" } else { "s" }
+        );
+        eprintln!(
+            "  {label}: tollgate {}, textbook {}",
+            us(ours),
+            us(textbook)
+        );
+        rows.push(Row {
+            case: format!("{label} (µs of command time; ratio = textbook / tollgate)"),
+            tollgate: us(ours),
+            peer: "textbook GCRA script".to_owned(),
+            peer_value: us(textbook),
+            ratio: time_ratio(ours, textbook),
+        });
+    }
+    Ok(rows)
+}
+
 /// Runs the redis suite.
 pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
     let (rounds, duration) = if quick {
@@ -364,6 +494,9 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
         }
     }
     rows.extend(cpu_rows);
+    rows.extend(redis_cpu_rows(
+        &runtime, &server, &store, &naive[0], rounds, duration,
+    )?);
     Ok(rows)
 }
 

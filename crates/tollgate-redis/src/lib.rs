@@ -7,8 +7,8 @@
 //! connection type. The script ports the algorithms of `tollgate-core` exactly; the same
 //! test vectors are replayed against both. Right after its helpers and the token bucket comes a
 //! fast path for the most common call, a decision over token buckets only (the default tier +
-//! route + global): one `MGET` and one `SET` per charged bucket, without the general path's
-//! bookkeeping or the other algorithms' definitions; about half the Redis CPU of the general path,
+//! route + global): one `GET` or `MGET` and one `SET` per charged bucket, without the general
+//! path's bookkeeping (and, with `EVALSHA`, without the other algorithms' definitions); about half the Redis CPU of the general path,
 //! with the same answers (a test compares both paths with the Rust model).
 //!
 //! ```no_run
@@ -127,8 +127,10 @@
 //! when a background check, every 500 ms, finds that the sentinels name another master (a forced
 //! `SENTINEL FAILOVER` leaves the old master writable for seconds, answering as if nothing had
 //! happened). The call that failed is **not** replayed, its outcome may be unknown: it fails,
-//! and the failure policy answers it; the calls after it go to the new master. The new master may
-//! not have the script cached: its `NOSCRIPT` makes the call load the script, as after a restart.
+//! and the failure policy answers it; the calls after it go to the new master. The new master
+//! already has the function library (libraries replicate); with `EVALSHA` it may not have the
+//! script cached (the script cache does not replicate): its `NOSCRIPT` makes the call load the
+//! script, as after a restart.
 //! In the tests, decisions come from the new master within a few hundred milliseconds of the
 //! sentinels naming it.
 //!
@@ -175,13 +177,42 @@
 //! place, which errs toward denial; it is logged and counted in
 //! `rate_limiter_store_compensation_errors_total{store="redis",op}`.
 //!
-//! The script is run with `EVALSHA`; after a `SCRIPT FLUSH` or a restart the server answers
-//! `NOSCRIPT`, and the call loads the script and runs it again once (the script had not run). A
-//! second `NOSCRIPT` (on a cluster during a failover, the script loaded on the nodes redis-rs had
-//! connections to, not the one that answered) fails the call as unavailable. On a
-//! cluster, redis-rs also follows `MOVED` / `ASK` redirections and `TRYAGAIN` (the script had not
+//! A server without the code (a restart, `FUNCTION FLUSH` or `SCRIPT FLUSH`, a new node) answers
+//! "Function not found" or `NOSCRIPT`: the call loads the code and runs once more (it had not
+//! run); see "Functions or EVALSHA". A second refusal (on a cluster during a failover, the code
+//! loaded on the nodes redis-rs had connections to, not the one that answered) fails the call as
+//! unavailable. On a cluster, redis-rs also follows `MOVED` / `ASK` redirections and `TRYAGAIN` (the script had not
 //! run either), and it retries a request whose connection dropped after sending, which can charge
 //! a request twice: an error toward denial.
+//!
+//! # Functions or EVALSHA
+//!
+//! The Lua code runs one of two ways, chosen with
+//! [`RedisStoreBuilder::scripting`] ([`Scripting`]); both run the same functions on the same
+//! arguments and answer the same (the test vectors and the conformance suite run on both):
+//!
+//! * **Functions** (Redis 7 or later): the code is a function library, loaded once with
+//!   `FUNCTION LOAD REPLACE` and called with `FCALL`. Its functions are defined once, at load;
+//!   with `EVALSHA` the script's whole chunk runs on every call and defines every function
+//!   again. The library and its one function are named `tollgate_<8 hex digits>`, a hash of the
+//!   code ([`function_library_name`]), so two tollgate versions on one server each call their
+//!   own code. A server without it answers "Function not found": the call loads the library and
+//!   runs once more (the call had not run; nothing else is ever sent twice).
+//! * **EVALSHA**: the script, loaded with `SCRIPT LOAD` on `NOSCRIPT`, as on any Redis.
+//!
+//! [`Scripting::Auto`], the default, calls `FCALL`; when the server refuses it or `FUNCTION` as
+//! a command it does not know (before Redis 7) or one the user may not run (`NOPERM`), the call
+//! goes on with `EVALSHA` (the refused command had not run) and the store uses `EVALSHA` from
+//! then on, for its lifetime (logged once). [`Scripting::Functions`] never falls back (a server
+//! without Functions fails every call); [`Scripting::Eval`] never tries Functions.
+//!
+//! On a **cluster**, redis-rs routes `FCALL` by its keys, like `EVALSHA`, and sends `FUNCTION
+//! LOAD` to every master; a load fails if a master cannot be reached, and the call fails with
+//! it (the next call loads again). A node added later loads the library on its first "Function
+//! not found". On a **Sentinel** group, libraries replicate to the replicas, so a promoted
+//! replica already has the library (the script cache, in contrast, does not replicate).
+//! `FUNCTION FLUSH`, `FUNCTION DELETE` or a `FUNCTION RESTORE` without the library are handled
+//! like a restart.
 //!
 //! # Source layout
 //!
@@ -191,7 +222,7 @@
 //! own slot function, the one its cluster client routes with; undo; one departure time across
 //! slots); `deadline.rs` the call deadlines on the server's clock; `sentinel.rs` the connection
 //! to a Sentinel group's master and how it follows a failover; `script.rs` the Lua script,
-//! joined from the files of `lua/`.
+//! joined from the files of `lua/`, as a script and as a function library.
 
 mod cluster;
 mod deadline;
@@ -202,6 +233,7 @@ mod store;
 
 #[doc(hidden)]
 pub use protocol::decode_reply;
+pub use script::Scripting;
 pub use store::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder,
     RedisStoreError,
@@ -210,4 +242,15 @@ pub use store::{
 /// The Lua source of the script, for inspection (`redis-benchmark` runs it in `tollgate-bench`).
 pub fn script_source() -> &'static str {
     script::SOURCE
+}
+
+/// The name of the function library this version of tollgate loads, which is also the name of
+/// its one function (`FCALL <name> ...`): `tollgate_` and 8 hex digits of a hash of its code.
+pub fn function_library_name() -> &'static str {
+    &script::LIBRARY.name
+}
+
+/// The source of the function library, as `FUNCTION LOAD` takes it, for inspection.
+pub fn function_library_source() -> &'static str {
+    &script::LIBRARY.source
 }

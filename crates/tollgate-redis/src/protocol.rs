@@ -11,7 +11,7 @@ use tollgate_core::{
 };
 
 use crate::deadline::ClockOffset;
-use crate::script::{Mode, SCRIPT, algorithm_code};
+use crate::script::{LIBRARY, Mode, SCRIPT, algorithm_code};
 use crate::store::{Connection, RedisStore};
 
 /// The status of a script call that ran after its deadline and wrote nothing (`late` in
@@ -105,12 +105,22 @@ pub(crate) fn map_error(e: redis::RedisError) -> StoreError {
                     | redis::ServerErrorKind::NoScript
             ) | redis::ErrorKind::ClusterConnectionNotFound
         )
+        // The same for a library a failover's node lacks even after `FUNCTION LOAD`.
+        || function_missing(&e)
     {
         StoreErrorKind::Unavailable
     } else {
         StoreErrorKind::Other
     };
     StoreError::new(kind, e)
+}
+
+/// Whether `FCALL` failed because the server does not have the library (yet): restarted,
+/// `FUNCTION FLUSH`ed, a node that never had it. The call did not run.
+fn function_missing(e: &redis::RedisError) -> bool {
+    e.code() == Some("ERR")
+        && e.detail()
+            .is_some_and(|d| d.starts_with("Function not found"))
 }
 
 /// The script's reply, `3 + 8 n` little-endian 64-bit integers in one string (see `packed` in
@@ -214,12 +224,103 @@ pub(crate) fn micros(d: Duration) -> u64 {
         .min(MAX_SPAN_MICROS)
 }
 
+/// The `ARGV` of one call (`KEYS` are the items' keys): see `lua/tollgate.lua` for their order.
+/// Numbers go to the command buffer as they are, never through a `String` of their own.
+struct CallArgs<'a> {
+    mode: Mode,
+    /// Test-vector replays' client time (µs), or empty: Redis' clock.
+    now: String,
+    id: &'a str,
+    arg4: u64,
+    floor: u64,
+    deadline: u64,
+    items: &'a [Item<'a>],
+}
+
+/// Where [`CallArgs`] go: an `FCALL` command or an `EVALSHA` invocation.
+trait ArgSink {
+    fn push(&mut self, arg: impl redis::ToRedisArgs);
+}
+
+impl ArgSink for redis::Cmd {
+    fn push(&mut self, arg: impl redis::ToRedisArgs) {
+        self.arg(arg);
+    }
+}
+
+impl ArgSink for redis::ScriptInvocation<'_> {
+    fn push(&mut self, arg: impl redis::ToRedisArgs) {
+        self.arg(arg);
+    }
+}
+
+impl CallArgs<'_> {
+    fn push_to(&self, sink: &mut impl ArgSink) {
+        sink.push(self.mode.as_str());
+        sink.push(&self.now);
+        sink.push(self.id);
+        sink.push(self.arg4);
+        sink.push(self.floor);
+        sink.push(self.deadline);
+        for item in self.items {
+            let q = item.limit.quota;
+            sink.push(algorithm_code(q.algorithm()));
+            sink.push(q.limit());
+            sink.push(q.interval_micros());
+            sink.push(q.max_delay_micros());
+            sink.push(item.cost);
+            sink.push(item.a);
+            sink.push(item.b);
+        }
+    }
+}
+
 impl RedisStore {
-    /// One script call over the connection, whatever its type.
-    async fn invoke<C: ConnectionLike>(
+    /// One call of the Lua code over the connection, whatever its type: `FCALL` of the function
+    /// library, or `EVALSHA` of the script, as [`Scripting`](crate::Scripting) and what the
+    /// server supports say.
+    ///
+    /// A server without the library (restarted, `FUNCTION FLUSH`, a new node) answers "Function
+    /// not found": the call had not run, so the library is loaded (`FUNCTION LOAD REPLACE`) and
+    /// the call sent once more, as `EVALSHA` does on `NOSCRIPT`. Nothing else is ever resent.
+    async fn run<C: ConnectionLike>(
+        &self,
         conn: &mut C,
-        invocation: &redis::ScriptInvocation<'_>,
+        args: &CallArgs<'_>,
     ) -> Result<Vec<u8>, StoreError> {
+        if self.inner.scripting.uses_functions() {
+            let library = &*LIBRARY;
+            let mut fcall = redis::cmd("FCALL");
+            fcall.arg(&library.name).arg(args.items.len());
+            for item in args.items {
+                fcall.arg(&item.key);
+            }
+            args.push_to(&mut fcall);
+            let refused = match fcall.query_async(conn).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) if function_missing(&e) => {
+                    let load = redis::cmd("FUNCTION")
+                        .arg("LOAD")
+                        .arg("REPLACE")
+                        .arg(&library.source)
+                        .query_async::<redis::Value>(conn)
+                        .await;
+                    match load {
+                        Ok(_) => return fcall.query_async(conn).await.map_err(map_error),
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            if !self.inner.scripting.falls_back(&refused) {
+                return Err(map_error(refused));
+            }
+        }
+        let mut invocation = SCRIPT.prepare_invoke();
+        for item in args.items {
+            invocation.key(&item.key);
+        }
+        args.push_to(&mut invocation);
         invocation.invoke_async(conn).await.map_err(map_error)
     }
 
@@ -241,10 +342,6 @@ impl RedisStore {
         floor: u64,
         budget: Budget,
     ) -> Result<Answer, StoreError> {
-        let mut invocation = SCRIPT.prepare_invoke();
-        for item in items {
-            invocation.key(&item.key);
-        }
         let now = self
             .inner
             .clock
@@ -257,31 +354,22 @@ impl RedisStore {
         } else {
             0
         };
-        invocation
-            .arg(mode.as_str())
-            .arg(now)
-            .arg(id)
-            .arg(arg4)
-            .arg(floor)
-            .arg(deadline);
-        for item in items {
-            let q = item.limit.quota;
-            invocation
-                .arg(algorithm_code(q.algorithm()))
-                .arg(q.limit())
-                .arg(q.interval_micros())
-                .arg(q.max_delay_micros())
-                .arg(item.cost)
-                .arg(item.a)
-                .arg(item.b);
-        }
+        let args = CallArgs {
+            mode,
+            now,
+            id,
+            arg4,
+            floor,
+            deadline,
+            items,
+        };
         let sent = Instant::now();
         let reply = self
             .within(budget.deadline, async {
                 match self.inner.conn.clone() {
-                    Connection::Standalone(mut c) => Self::invoke(&mut c, &invocation).await,
-                    Connection::Cluster(mut c) => Self::invoke(&mut c, &invocation).await,
-                    Connection::Sentinel(mut c) => Self::invoke(&mut c, &invocation).await,
+                    Connection::Standalone(mut c) => self.run(&mut c, &args).await,
+                    Connection::Cluster(mut c) => self.run(&mut c, &args).await,
+                    Connection::Sentinel(mut c) => self.run(&mut c, &args).await,
                 }
             })
             .await?;

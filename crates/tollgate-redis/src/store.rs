@@ -17,7 +17,7 @@ use tollgate_core::{
 
 use crate::deadline::ClockOffsets;
 use crate::protocol::{Budget, map_error, micros, protocol};
-use crate::script::Mode;
+use crate::script::{Mode, Scripting, ScriptingState};
 use crate::sentinel::SentinelConnection;
 
 /// The default key prefix.
@@ -50,6 +50,8 @@ pub(crate) struct Inner {
     /// The offset of the server's clock, one per slot on a cluster (each node has its own
     /// clock), one for a standalone server: see [`crate::deadline`].
     pub(crate) offsets: ClockOffsets,
+    /// `FCALL` or `EVALSHA`.
+    pub(crate) scripting: ScriptingState,
 }
 
 #[derive(Clone)]
@@ -188,6 +190,7 @@ pub struct RedisStoreBuilder {
     timeout: Duration,
     connect_timeout: Duration,
     clock: Option<Arc<dyn Clock>>,
+    scripting: Scripting,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -200,6 +203,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("scripting", &self.scripting)
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +242,15 @@ impl RedisStoreBuilder {
     /// **Sentinel only**: the database number to use on the master (default 0).
     pub fn master_db(mut self, db: i64) -> Self {
         self.master.db = Some(db);
+        self
+    }
+
+    /// How the Lua code runs on the server (default [`Scripting::Auto`]): as a Redis Functions
+    /// library (`FCALL`, Redis 7 or later), as a script (`EVALSHA`), or the first where the
+    /// server has it and the second otherwise. Both answer the same; see "Functions or
+    /// EVALSHA" in the [crate docs](crate).
+    pub fn scripting(mut self, scripting: Scripting) -> Self {
+        self.scripting = scripting;
         self
     }
 
@@ -317,6 +330,7 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 clock: self.clock,
                 ids: CallIds::new(),
+                scripting: ScriptingState::new(self.scripting),
                 offsets: if self.cluster {
                     ClockOffsets::cluster()
                 } else {
@@ -348,6 +362,7 @@ impl RedisStore {
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             clock: None,
+            scripting: Scripting::Auto,
         }
     }
 

@@ -1,5 +1,6 @@
 //! One conformance suite, written once against the `Store` trait, run on `MemoryStore`, a single
-//! Redis node, a 3-master Redis Cluster and a Sentinel-managed master; plus exactness under concurrency and clock skew.
+//! Redis node, a 3-master Redis Cluster and a Sentinel-managed master (on Redis, once with `FCALL`
+//! and once with `EVALSHA`); plus exactness under concurrency and clock skew.
 //!
 //! The Redis stores decide on Redis' clock, which the tests cannot stop, so quotas here are slow
 //! (per hour) wherever an exact count matters, and times are compared with a tolerance.
@@ -14,7 +15,8 @@ use tollgate_core::{
     Algorithm, Clock, Limit, ManualClock, MemoryStore, Outcome, Quota, Reserve, Store, SystemClock,
     Timestamp,
 };
-use tollgate_redis::RedisStore;
+use tollgate_redis::{RedisStore, RedisStoreBuilder};
+use tollgate_testkit::RedisServer;
 
 fn close(actual: Duration, expected: Duration, tolerance: Duration) -> bool {
     actual <= expected + tolerance && actual + tolerance >= expected
@@ -304,25 +306,38 @@ async fn conformance_memory_store() {
     suite(&MemoryStore::new(), "memory").await;
 }
 
+/// The suite on both paths (`FCALL`, `EVALSHA`), each in its own namespace, checking from the
+/// servers' counts that each went its way.
+async fn suite_both(nodes: &[RedisServer], builder: RedisStoreBuilder, ns: &str) {
+    for (scripting, path) in common::PATHS {
+        let store = common::connect(builder.clone().scripting(scripting)).await;
+        let ns = format!("{ns}-{path}");
+        common::on_path(nodes, scripting, || suite(&store, &ns)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_single_node() {
     let server = common::server();
-    let store = common::connect(common::standalone_builder(&server)).await;
-    suite(&store, "single").await;
+    let builder = common::standalone_builder(&server);
+    suite_both(std::slice::from_ref(&server), builder, "single").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_cluster() {
     let cluster = common::cluster();
-    let store = common::connect(common::cluster_builder(&cluster)).await;
-    suite(&store, "cluster").await;
+    suite_both(
+        cluster.nodes(),
+        common::cluster_builder(&cluster),
+        "cluster",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_sentinel() {
     let group = common::sentinel();
-    let store = common::connect(common::sentinel_builder(&group)).await;
-    suite(&store, "sentinel").await;
+    suite_both(group.nodes(), common::sentinel_builder(&group), "sentinel").await;
 }
 
 /// Four independent connections × 50 concurrent tasks on one key admit exactly the burst; and

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tollgate_core::{Limit, Outcome, Quota, Store, StoreError, StoreErrorKind, Verdict};
-use tollgate_redis::RedisStore;
+use tollgate_redis::{RedisStore, Scripting};
 use tollgate_testkit::{RedisServer, Reply};
 
 /// The call timeout of the standalone fault tests.
@@ -164,7 +164,8 @@ async fn a_store_built_while_redis_is_down_works_once_it_is_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_flush_mid_run_reloads_without_double_charge() {
     let server = common::server();
-    let store = common::connect(common::standalone_builder(&server)).await;
+    let store =
+        common::connect(common::standalone_builder(&server).scripting(Scripting::Eval)).await;
     let quota = Quota::per_hour(1).unwrap().with_burst(5).unwrap();
     let limit = [Limit::new("flushed", &quota, 1)];
 
@@ -203,6 +204,111 @@ async fn script_flush_mid_run_reloads_without_double_charge() {
         .await
         .expect("after the flush");
     assert_eq!(v.outcome(), Outcome::Denied, "{v:?}");
+}
+
+/// The Functions analogue: `FUNCTION FLUSH` between calls makes the next `FCALL` answer
+/// "Function not found"; the call loads the library and runs once more, charging once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_flush_mid_run_reloads_without_double_charge() {
+    let server = common::server();
+    let store =
+        common::connect(common::standalone_builder(&server).scripting(Scripting::Functions)).await;
+    let quota = Quota::per_hour(1).unwrap().with_burst(5).unwrap();
+    let limit = [Limit::new("flushed", &quota, 1)];
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let v = backstop(store.decide(&limit))
+            .await
+            .expect("before the flush");
+        assert!(v.is_allowed(), "{v:?}");
+        remaining.push(v.decisions()[0].remaining);
+    }
+    let name = tollgate_redis::function_library_name();
+    let listed = common::has_library;
+    assert!(listed(&server), "the store loaded no library {name}");
+    assert_eq!(
+        server.cmd(&["FUNCTION", "FLUSH"]).expect("FUNCTION FLUSH"),
+        Reply::Status("OK".into())
+    );
+    assert!(!listed(&server));
+    for _ in 0..2 {
+        let v = backstop(store.decide(&limit))
+            .await
+            .expect("after the flush: \"Function not found\" is handled by loading the library");
+        assert!(v.is_allowed(), "{v:?}");
+        remaining.push(v.decisions()[0].remaining);
+    }
+    assert!(listed(&server), "the library was not loaded again");
+    assert_eq!(remaining, [4, 3, 2, 1, 0]);
+    let v = backstop(store.decide(&limit))
+        .await
+        .expect("after the flush");
+    assert_eq!(v.outcome(), Outcome::Denied, "{v:?}");
+    // Only FCALL ran decisions: no EVALSHA behind the store's back.
+    assert_eq!(common::calls(std::slice::from_ref(&server), "evalsha"), 0);
+}
+
+/// A server that refuses Functions (here: a user whose ACL denies `FCALL` and `FUNCTION`, as a
+/// Redis before 7 refuses the unknown commands): `Auto` falls back to `EVALSHA` and decides,
+/// and stays there; `Functions` forced fails, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_evalsha_where_functions_are_refused() {
+    let server = common::server();
+    let setuser = [
+        "ACL",
+        "SETUSER",
+        "nofn",
+        "on",
+        ">nofn-pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-fcall",
+        "-function",
+    ];
+    assert_eq!(
+        server.cmd(&setuser).expect("ACL SETUSER"),
+        Reply::Status("OK".into())
+    );
+    let url = format!("redis://nofn:nofn-pw@127.0.0.1:{}", server.port());
+    let builder = RedisStore::builder(url)
+        .timeout(common::TEST_TIMEOUT)
+        .connect_timeout(common::TEST_TIMEOUT);
+    let nodes = std::slice::from_ref(&server);
+    let quota = Quota::per_hour(1).unwrap().with_burst(3).unwrap();
+    let limit = [Limit::new("fallback", &quota, 1)];
+
+    let auto = common::connect(builder.clone()).await;
+    let evalsha_before = common::calls(nodes, "evalsha");
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let v = backstop(auto.decide(&limit)).await.expect("auto decides");
+        remaining.push(v.decisions()[0].remaining);
+    }
+    assert_eq!(
+        remaining,
+        [2, 1, 0],
+        "each call charged once across the fallback"
+    );
+    // Three decisions, and the first one's NOSCRIPT (the script was not cached yet).
+    assert_eq!(common::calls(nodes, "evalsha") - evalsha_before, 4);
+    // One refused FCALL, on the first call; none after it.
+    let info = server.cmd(&["INFO", "commandstats"]).expect("INFO");
+    let fcall = info
+        .as_str()
+        .and_then(|text| text.lines().find(|l| l.starts_with("cmdstat_fcall:")))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        fcall.starts_with("cmdstat_fcall:calls=0,") && fcall.contains(",rejected_calls=1,"),
+        "{fcall}"
+    );
+
+    let forced = common::connect(builder.scripting(Scripting::Functions)).await;
+    let e = backstop(forced.decide(&limit))
+        .await
+        .expect_err("functions forced on a server refusing them");
+    assert!(e.to_string().contains("fcall"), "{e}");
 }
 
 /// The SHA1 of tollgate's script (what `EVALSHA` names it), computed by the server's Lua.

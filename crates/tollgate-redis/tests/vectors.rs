@@ -1,11 +1,13 @@
 //! The core's test vectors, replayed against Redis: decisions identical to the Rust model, for
-//! every algorithm, on a single node, on a 3-master cluster and on a Sentinel-managed master.
+//! every algorithm, on a single node, on a 3-master cluster and on a Sentinel-managed master, each
+//! with `FCALL` and with `EVALSHA`.
 
 mod common;
 
 use tollgate_core::vectors;
 use tollgate_core::{Limit, ManualClock, Store, Timestamp};
 use tollgate_redis::RedisStoreBuilder;
+use tollgate_testkit::RedisServer;
 
 async fn replay(builder: RedisStoreBuilder, label: &str) {
     let clock = ManualClock::new(Timestamp::ZERO);
@@ -34,22 +36,38 @@ async fn replay(builder: RedisStoreBuilder, label: &str) {
     assert!(steps > 1_000, "only {steps} steps replayed");
 }
 
+/// The replay on both paths (`FCALL`, `EVALSHA`), each under its own prefix, checking from the
+/// servers' counts that each went its way.
+async fn replay_both(nodes: &[RedisServer], builder: RedisStoreBuilder, label: &str) {
+    for (scripting, path) in common::PATHS {
+        let builder = builder.clone().scripting(scripting).prefix(path);
+        let label = format!("{label} {path}");
+        common::on_path(nodes, scripting, || replay(builder, &label)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vectors_replay_on_a_single_node() {
     let server = common::server();
-    replay(common::standalone_builder(&server), "standalone").await;
+    let builder = common::standalone_builder(&server);
+    replay_both(std::slice::from_ref(&server), builder, "standalone").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vectors_replay_on_a_cluster() {
     let cluster = common::cluster();
-    replay(common::cluster_builder(&cluster), "cluster").await;
+    replay_both(
+        cluster.nodes(),
+        common::cluster_builder(&cluster),
+        "cluster",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vectors_replay_on_a_sentinel_master() {
     let group = common::sentinel();
-    replay(common::sentinel_builder(&group), "sentinel").await;
+    replay_both(group.nodes(), common::sentinel_builder(&group), "sentinel").await;
 }
 
 /// A small deterministic generator (64-bit LCG), so the sequence is the same on every run.
@@ -66,18 +84,30 @@ impl Lcg {
 }
 
 /// Multi-limit decisions (all or nothing, several costs, denials, a cost above a capacity) give
-/// the very decisions of the Rust model (`MemoryStore` on the same clock), on the script's
-/// token-bucket fast path (distinct token-bucket keys) and on its general path (a key listed twice,
+/// the very decisions of the Rust model (`MemoryStore` on the same clock), with `FCALL` and with
+/// `EVALSHA`, on the script's token-bucket fast path (distinct token-bucket keys) and on its general path (a key listed twice,
 /// a bucket next to a window).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_limit_decisions_match_the_model_on_both_script_paths() {
+    let server = common::server();
+    for (scripting, path) in common::PATHS {
+        let builder = common::standalone_builder(&server)
+            .scripting(scripting)
+            .prefix(path);
+        common::on_path(std::slice::from_ref(&server), scripting, || {
+            multi_limit_against_the_model(builder)
+        })
+        .await;
+    }
+}
+
+/// The comparison of `multi_limit_decisions_match_the_model_on_both_script_paths` on one store.
+async fn multi_limit_against_the_model(builder: RedisStoreBuilder) {
     use std::time::Duration;
     use tollgate_core::{MemoryStore, Quota};
 
-    let server = common::server();
     let clock = ManualClock::new(Timestamp::ZERO);
-    let redis =
-        common::connect(common::standalone_builder(&server).client_clock(clock.clone())).await;
+    let redis = common::connect(builder.client_clock(clock.clone())).await;
     let memory = MemoryStore::builder().clock(clock.clone()).build();
     let tier = Quota::per_second(3)
         .and_then(|q| q.with_burst(5))

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use tollgate_redis::{RedisStore, RedisStoreBuilder};
-use tollgate_testkit::{RedisCluster, RedisSentinel, RedisServer};
+use tollgate_redis::{RedisStore, RedisStoreBuilder, Scripting};
+use tollgate_testkit::{RedisCluster, RedisSentinel, RedisServer, Reply};
 
 /// A generous timeout for tests about decisions, so a loaded CI machine does not turn a slow
 /// answer into a failure; the fault tests set their own.
@@ -62,5 +62,62 @@ pub async fn connect(builder: RedisStoreBuilder) -> RedisStore {
     match builder.connect().await {
         Ok(s) => s,
         Err(e) => panic!("cannot connect: {e}"),
+    }
+}
+
+/// Both ways the store runs its Lua code, each forced (no silent fallback), with a label: the
+/// suites that must answer the same on both run once per path.
+pub const PATHS: [(Scripting, &str); 2] = [
+    (Scripting::Functions, "fcall"),
+    (Scripting::Eval, "evalsha"),
+];
+
+/// How many times `nodes` ran `command` (`fcall`, `evalsha`), from `INFO commandstats`.
+pub fn calls(nodes: &[RedisServer], command: &str) -> u64 {
+    let field = format!("cmdstat_{command}:calls=");
+    nodes
+        .iter()
+        .map(|node| {
+            let info = node
+                .cmd(&["INFO", "commandstats"])
+                .expect("INFO commandstats");
+            let text = info.as_str().expect("INFO is a string").to_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix(field.as_str()))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |n| n.parse::<u64>().expect("a call count"))
+        })
+        .sum()
+}
+
+/// Runs `run` with `scripting`, and checks from the servers' own counts that its calls went
+/// that way: `FCALL` only, or `EVALSHA` only.
+pub async fn on_path<F: Future<Output = ()>>(
+    nodes: &[RedisServer],
+    scripting: Scripting,
+    run: impl FnOnce() -> F,
+) {
+    let before = (calls(nodes, "fcall"), calls(nodes, "evalsha"));
+    run().await;
+    let after = (calls(nodes, "fcall"), calls(nodes, "evalsha"));
+    let (fcalls, evalshas) = (after.0 - before.0, after.1 - before.1);
+    match scripting {
+        Scripting::Functions => assert!(
+            fcalls > 0 && evalshas == 0,
+            "functions path: {fcalls} FCALL, {evalshas} EVALSHA"
+        ),
+        _ => assert!(
+            evalshas > 0 && fcalls == 0,
+            "eval path: {fcalls} FCALL, {evalshas} EVALSHA"
+        ),
+    }
+}
+
+/// Whether `node` holds this version's function library (`FUNCTION LIST LIBRARYNAME`).
+pub fn has_library(node: &RedisServer) -> bool {
+    let name = tollgate_redis::function_library_name();
+    match node.cmd(&["FUNCTION", "LIST", "LIBRARYNAME", name]) {
+        Ok(Reply::Array(Some(libraries))) => !libraries.is_empty(),
+        other => panic!("FUNCTION LIST answered {other:?}"),
     }
 }

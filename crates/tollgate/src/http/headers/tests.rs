@@ -388,3 +388,42 @@ fn uneven_rates_do_not_gain_a_second_of_window() {
         );
     }
 }
+
+#[test]
+fn digits_are_decimal_at_every_width() {
+    let mut cases: Vec<u64> = vec![
+        0,
+        9,
+        10,
+        99,
+        100,
+        999,
+        1000,
+        1001,
+        999_999,
+        1_000_000,
+        u64::MAX,
+    ];
+    for exp in 0..20 {
+        let p = 10u64.pow(exp);
+        cases.extend([
+            p.saturating_sub(1),
+            p,
+            p.saturating_add(1),
+            p.saturating_mul(7) / 3,
+        ]);
+    }
+    for n in cases {
+        let mut buf = [0; 20];
+        assert_eq!(digits(n, &mut buf), n.to_string().as_bytes(), "{n}");
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn digits_match_to_string(n: u64) {
+        let mut buf = [0; 20];
+        let expected = n.to_string();
+        proptest::prop_assert_eq!(digits(n, &mut buf), expected.as_bytes());
+    }
+}
