@@ -1,14 +1,22 @@
 -- tollgate: the fast path, right after the helpers and the token bucket in the joined source. A
 -- 'decide' whose limits are all token buckets on distinct keys (the default policy: tier + route
 -- + global) is answered here; as an EVAL script, before the rest of the chunk defines its
--- functions (src/script.rs calls it right after this file): one MGET
--- instead of a GET per key, and none of the general path's bookkeeping for keys listed twice or
--- for other algorithms. It uses the same helpers and the same token_bucket() as the general path
--- (tollgate.lua), so it answers exactly what that path answers, in the same reply shape; the test
--- vectors run through it. Anything else falls through to the general path below.
+-- functions (src/script.rs calls it right after this file): one MGET instead of a GET per key,
+-- and none of the general path's bookkeeping for keys listed twice or for other algorithms.
+--
+-- It decides and writes, and leaves the describing to the client: the reply (status FAST) is the
+-- server time, whether every limit allowed (so the call wrote), and each bucket's state as read.
+-- The client computes each limit's decision from those with tollgate-core's token bucket, the
+-- function token_bucket() ports, and refuses a reply whose verdict it does not reproduce. So the
+-- arithmetic here is token_bucket()'s admission test and new state only: no decision tables, no
+-- second pass for the limits that would have passed, a reply of 3 + n numbers instead of 3 + 8n.
+-- The test vectors run through it (their decisions come back through the client's side, their
+-- later steps read the states it wrote). Anything else falls through to the general path below.
 --
 -- fast_decide(KEYS, ARGV): the call's keys and arguments (named as the EVAL globals they are on
 -- that path); the packed reply, or nil when the call is not one for the fast path.
+local FAST = 5
+
 local function fast_decide(KEYS, ARGV)
   local n = #KEYS
   if ARGV[1] ~= 'decide' or n == 0 then
@@ -39,7 +47,7 @@ local function fast_decide(KEYS, ARGV)
   else
     vals = redis.call('MGET', unpack(KEYS))
   end
-  local rows, tats, next_tats, all = {}, {}, {}, true
+  local out, nexts, all = { FAST, now, 1 }, {}, true
   for i = 1, n do
     local p = 6 + (i - 1) * 7
     -- A bucket's state is 'b:<tat>' (see read_state in common.lua, whose general parse costs
@@ -48,30 +56,32 @@ local function fast_decide(KEYS, ARGV)
     if type(v) == 'string' and string.sub(v, 1, 2) == 'b:' then
       tat = tonumber(string.sub(v, 3)) or 0
     end
-    local d, next_tat = token_bucket(tat, now, tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]),
-      tonumber(ARGV[p + 5]))
-    rows[i], tats[i], next_tats[i] = d, tat, next_tat
-    if d[1] ~= ALLOW then
+    out[3 + i] = tat
+    -- token_bucket(tat, now, limit, t, cost): admitted iff the cost fits the burst and the
+    -- bucket, used up to max(tat - now, 0), has room for t * cost more within tau = t * limit.
+    local limit, t, cost = tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]), tonumber(ARGV[p + 5])
+    local used = tat - now
+    if used < 0 then
+      used = 0
+    end
+    local needed = used + t * cost
+    if cost > limit or needed > t * limit then
       all = false
+    elseif cost > 0 then
+      nexts[i] = now + needed
     end
   end
   -- All or nothing, as decide_all() in tollgate.lua: only when every limit allows is anything
-  -- written; otherwise the limits that would have passed report themselves as they stand.
-  local out, k = { 0, now, 0 }, 3
-  for i = 1, n do
-    local d, a, b = rows[i], 0, 0
-    if d[1] == ALLOW then
-      if not all then
-        local p = 6 + (i - 1) * 7
-        d = token_bucket(tats[i], now, tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]), 0)
-      elseif next_tats[i] ~= tats[i] then
-        a, b = tats[i], next_tats[i]
-        write_state(KEYS[i], string.format('b:%d', b), b, now)
+  -- written.
+  if all then
+    for i = 1, n do
+      local next_tat = nexts[i]
+      if next_tat ~= nil and next_tat ~= out[3 + i] then
+        write_state(KEYS[i], 'b:' .. fmt(next_tat), next_tat, now)
       end
     end
-    out[k + 1], out[k + 2], out[k + 3], out[k + 4] = d[1], d[2], d[3], d[4]
-    out[k + 5], out[k + 6], out[k + 7], out[k + 8] = d[5], d[6], a, b
-    k = k + 8
+  else
+    out[3] = 0
   end
   return packed(out)
 end

@@ -8,8 +8,12 @@
 //! test vectors are replayed against both. Right after its helpers and the token bucket comes a
 //! fast path for the most common call, a decision over token buckets only (the default tier +
 //! route + global): one `GET` or `MGET` and one `SET` per charged bucket, without the general
-//! path's bookkeeping (and, with `EVALSHA`, without the other algorithms' definitions); about half the Redis CPU of the general path,
-//! with the same answers (a test compares both paths with the Rust model).
+//! path's bookkeeping (and, with `EVALSHA`, without the other algorithms' definitions). It
+//! decides and writes, and leaves the describing to the client: its reply is the server time,
+//! whether it wrote, and each bucket's state as read, from which the client computes each
+//! limit's decision with `tollgate-core`'s token bucket (the function the script ports); a reply
+//! whose verdict the client does not reproduce is an error. The test vectors and the
+//! conformance suite run through it.
 //!
 //! ```no_run
 //! use tollgate_core::{Limit, Quota, Store};

@@ -18,6 +18,11 @@ use crate::store::{Connection, RedisStore};
 /// `lua/common.lua`).
 const LATE: i64 = 4;
 
+/// The status of the fast path's reply (`lua/fast_path.lua`): the server time, whether every
+/// limit allowed (the call wrote), each bucket's state as read; the client works out the
+/// decisions ([`RedisStore::expand_fast`]).
+const FAST: i64 = 5;
+
 /// When a store operation must be answered by, and whether its script calls carry that deadline
 /// to the server (only the calls that charge: `decide`, `reserve`).
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +66,9 @@ pub(crate) struct Answer {
     pub(crate) now: u64,
     pub(crate) wait: u64,
     pub(crate) rows: Vec<Row>,
+    /// A fast-path reply (status [`FAST`]): whether it wrote, and each bucket's `tat` as read;
+    /// `rows` is empty until [`RedisStore::expand_fast`] fills it.
+    pub(crate) fast: Option<(bool, Vec<u64>)>,
 }
 
 /// One limit's row of the answer: its decision and its state times.
@@ -123,18 +131,21 @@ fn function_missing(e: &redis::RedisError) -> bool {
             .is_some_and(|d| d.starts_with("Function not found"))
 }
 
-/// The script's reply, `3 + 8 n` little-endian 64-bit integers in one string (see `packed` in
-/// `lua/common.lua`), as integers.
+/// The script's reply, `3 + 8 n` (or, from the fast path, `3 + n`) little-endian 64-bit
+/// integers in one string (see `packed` in `lua/common.lua`), as integers.
 fn unpack(reply: &[u8], n: usize) -> Result<Vec<i64>, StoreError> {
-    let expected = n
-        .checked_mul(8)
-        .and_then(|v| v.checked_add(3))
-        .and_then(|v| v.checked_mul(8));
-    if expected != Some(reply.len()) {
+    let words = |per_limit: usize| {
+        n.checked_mul(per_limit)
+            .and_then(|v| v.checked_add(3))
+            .and_then(|v| v.checked_mul(8))
+    };
+    let (full, fast) = (words(8), words(1));
+    if full != Some(reply.len()) && fast != Some(reply.len()) {
         return Err(protocol(format!(
-            "unexpected script reply: {} bytes for {n} limits ({} expected)",
+            "unexpected script reply: {} bytes for {n} limits ({} or {} expected)",
             reply.len(),
-            expected.map_or_else(|| "more than can be".to_owned(), |e| e.to_string())
+            full.map_or_else(|| "more than can be".to_owned(), |e| e.to_string()),
+            fast.map_or_else(|| "more than can be".to_owned(), |e| e.to_string()),
         )));
     }
     Ok(reply
@@ -161,6 +172,9 @@ fn count(v: i64, what: &str) -> Result<u32, StoreError> {
 /// a negative time, a count past `u32`) is a protocol error, never a plausible decision: the
 /// failure policy decides then.
 fn parse(values: &[i64], n: usize) -> Result<Answer, StoreError> {
+    if values.first() == Some(&FAST) {
+        return parse_fast(values, n);
+    }
     if values.len() != 3 + 8 * n {
         return Err(protocol(format!(
             "unexpected script reply: {} values for {n} limits",
@@ -207,6 +221,38 @@ fn parse(values: &[i64], n: usize) -> Result<Answer, StoreError> {
         now,
         wait,
         rows,
+        fast: None,
+    })
+}
+
+/// Reads a fast-path reply: status, now, whether it wrote (0 or 1), then each bucket's `tat`.
+fn parse_fast(values: &[i64], n: usize) -> Result<Answer, StoreError> {
+    if values.len() != 3 + n {
+        return Err(protocol(format!(
+            "unexpected script reply: {} values for {n} limits on the fast path",
+            values.len()
+        )));
+    }
+    let now = non_negative(values[1], "the server time")?;
+    let wrote = match values[2] {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(protocol(format!(
+                "unexpected script reply: fast-path flag {other}"
+            )));
+        }
+    };
+    let tats = values[3..]
+        .iter()
+        .map(|&v| non_negative(v, "a bucket state"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Answer {
+        status: 0,
+        now,
+        wait: 0,
+        rows: Vec::new(),
+        fast: Some((wrote, tats)),
     })
 }
 
@@ -276,6 +322,71 @@ impl CallArgs<'_> {
 }
 
 impl RedisStore {
+    /// The decisions of a fast-path reply, computed as the script decided them: with
+    /// tollgate-core's token bucket, which `token_bucket()` in `lua/token_bucket.lua` ports, from
+    /// each bucket's state as the script read it, all or nothing as `decide_all()` in
+    /// `lua/tollgate.lua` (when one limit denies, the others report themselves as they stand). A
+    /// reply whose verdict this does not reproduce (the script wrote and a limit denies, or the
+    /// other way round) is a protocol error, never a guess.
+    fn expand_fast(mut answer: Answer, items: &[Item<'_>]) -> Result<Answer, StoreError> {
+        use tollgate_core::algorithm::{self, BucketState, State};
+        let Some((wrote, tats)) = answer.fast.take() else {
+            return Ok(answer);
+        };
+        let now = Timestamp::from_micros(answer.now);
+        let decide = |item: &Item<'_>, tat: u64, cost: u32| {
+            let state = State::Bucket(BucketState {
+                tat: Timestamp::from_micros(tat),
+            });
+            algorithm::decide(Some(&state), now, item.limit.quota, cost)
+        };
+        let mut rows = Vec::with_capacity(items.len());
+        let mut all = true;
+        for (item, &tat) in items.iter().zip(&tats) {
+            let cost = u32::try_from(item.cost)
+                .map_err(|_| protocol(format!("a fast-path cost of {}", item.cost)))?;
+            let (decision, next) = decide(item, tat, cost);
+            all &= decision.is_allowed();
+            let next = match next {
+                State::Bucket(b) => b.tat.as_micros(),
+                _ => tat,
+            };
+            rows.push((decision, tat, next));
+        }
+        if all != wrote {
+            return Err(protocol(format!(
+                "unexpected script reply: the fast path {} but the limits {}",
+                if wrote { "wrote" } else { "did not write" },
+                if all { "all allow" } else { "do not all allow" }
+            )));
+        }
+        answer.rows = rows
+            .into_iter()
+            .zip(items)
+            .map(|((decision, tat, next), item)| {
+                if all {
+                    // Written only if it changed, as the script does.
+                    let (a, b) = if next == tat { (0, 0) } else { (tat, next) };
+                    Row { decision, a, b }
+                } else if decision.is_allowed() {
+                    // Not charged after all: how it stands.
+                    Row {
+                        decision: decide(item, tat, 0).0,
+                        a: 0,
+                        b: 0,
+                    }
+                } else {
+                    Row {
+                        decision,
+                        a: 0,
+                        b: 0,
+                    }
+                }
+            })
+            .collect();
+        Ok(answer)
+    }
+
     /// One call of the Lua code over the connection, whatever its type: `FCALL` of the function
     /// library, or `EVALSHA` of the script, as [`Scripting`](crate::Scripting) and what the
     /// server supports say.
@@ -373,7 +484,10 @@ impl RedisStore {
                 }
             })
             .await?;
-        let answer = parse(&unpack(&reply, items.len())?, items.len())?;
+        let mut answer = parse(&unpack(&reply, items.len())?, items.len())?;
+        if answer.fast.is_some() {
+            answer = Self::expand_fast(answer, items)?;
+        }
         if self.inner.clock.is_none() {
             offset.observe(sent, Instant::now(), answer.now);
         }
@@ -543,6 +657,68 @@ mod tests {
             let n = if bad.len() == 88 { 2 } else { 1 };
             let e = unpack(bad, n).expect_err("refused");
             assert!(e.to_string().contains("unexpected script reply"), "{e}");
+        }
+    }
+
+    /// A limit of `quota` at cost 1 under key `k`, as the store passes it to the script.
+    fn item<'a>(limit: &'a Limit<'a>) -> Item<'a> {
+        Item {
+            key: limit.key.to_owned(),
+            limit,
+            cost: u64::from(limit.cost),
+            a: 0,
+            b: 0,
+        }
+    }
+
+    #[test]
+    fn fast_replies_are_expanded_as_the_script_decided() {
+        let quota = tollgate_core::Quota::per_second(10)
+            .unwrap()
+            .with_burst(2)
+            .unwrap();
+        let limits = [Limit::new("a", &quota, 1), Limit::new("b", &quota, 1)];
+        let items: Vec<Item<'_>> = limits.iter().map(item).collect();
+        let now: i64 = 1_000_000_000;
+        // Both fresh: both allowed, both written.
+        let answer = parse(&[FAST, now, 1, 0, 0], 2).unwrap();
+        let answer = RedisStore::expand_fast(answer, &items).unwrap();
+        assert_eq!(answer.rows.len(), 2);
+        for row in &answer.rows {
+            assert!(row.decision.is_allowed());
+            assert_eq!(row.decision.remaining, 1);
+            assert_eq!((row.a, row.b), (0, u64::try_from(now).unwrap() + 100_000));
+        }
+        // `b` is full (its tat 200 ms ahead): `a` would pass, so it reports itself uncharged.
+        let full = now + 200_000;
+        let answer = parse(&[FAST, now, 0, 0, full], 2).unwrap();
+        let answer = RedisStore::expand_fast(answer, &items).unwrap();
+        assert!(answer.rows[0].decision.is_allowed());
+        assert_eq!(answer.rows[0].decision.remaining, 2, "a peek, not a charge");
+        assert!(!answer.rows[1].decision.is_allowed());
+        // A flag the limits contradict is an error, either way round.
+        for values in [[FAST, now, 1, 0, full], [FAST, now, 0, 0, 0]] {
+            let answer = parse(&values, 2).unwrap();
+            let e = RedisStore::expand_fast(answer, &items)
+                .err()
+                .expect("refused");
+            assert!(e.to_string().contains("fast path"), "{e}");
+        }
+    }
+
+    #[test]
+    fn fast_replies_it_does_not_understand_are_errors() {
+        for (values, n) in [
+            (vec![FAST, 1, 2, 0], 1),
+            (vec![FAST, 1, 1, 0, 0], 1),
+            (vec![FAST, -1, 1, 0], 1),
+            (vec![FAST, 1, 1, -5], 1),
+        ] {
+            let e = parse(&values, n).err().expect("refused");
+            assert!(
+                e.to_string().contains("unexpected script reply"),
+                "{values:?}: {e}"
+            );
         }
     }
 }
