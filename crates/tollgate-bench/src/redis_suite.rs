@@ -184,19 +184,15 @@ fn evalsha_args(store: &RedisStore, sha: &str, n: usize) -> Result<Vec<String>, 
     let quota = quota()?;
     let mut args = vec!["EVALSHA".to_owned(), sha.to_owned(), n.to_string()];
     args.extend(KEYS[..n].iter().map(|k| store.redis_key(k)));
-    // mode, now ('' = the server's TIME), call id, 0, 0, deadline (0 = none: a benchmark's
-    // repeated command cannot carry one)
-    args.extend(["decide", "", "bench.0", "0", "0", "0"].map(str::to_owned));
+    // The fast path's compact layout, as the store sends a decision over token buckets: 'd',
+    // now ('' = the server's TIME), deadline (0 = none: a benchmark's repeated command cannot
+    // carry one), then limit, interval µs and cost per key.
+    args.extend(["d", "", "0"].map(str::to_owned));
     for _ in 0..n {
-        // algorithm (0 = token bucket), limit, interval µs, max_delay µs, cost, a, b
         args.extend([
-            "0".to_owned(),
             quota.limit().to_string(),
             quota.interval_micros().to_string(),
-            "0".to_owned(),
             "1".to_owned(),
-            "0".to_owned(),
-            "0".to_owned(),
         ]);
     }
     Ok(args)

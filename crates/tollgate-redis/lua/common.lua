@@ -112,17 +112,22 @@ end
 -- client no longer waits for must not charge anyone.
 local LATE = 4
 
+-- The reply of a late call over n keys: status LATE, no rows (zeros in their place).
+local function late_reply(now, n)
+  local out = { LATE, now, 0 }
+  for _ = 1, 8 * n do
+    out[#out + 1] = 0
+  end
+  return packed(out)
+end
+
 -- The reply of a late call (status LATE, no rows), or nil when the call is in time.
 local function late(now, keys, argv)
   local deadline = tonumber(argv[6])
   if deadline == nil or deadline == 0 or now <= deadline then
     return nil
   end
-  local out = { LATE, now, 0 }
-  for _ = 1, 8 * #keys do
-    out[#out + 1] = 0
-  end
-  return packed(out)
+  return late_reply(now, #keys)
 end
 
 -- Writes a string state that stops mattering at `expires` (µs); a state already fresh is deleted.

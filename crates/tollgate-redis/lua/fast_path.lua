@@ -15,29 +15,22 @@
 --
 -- fast_decide(KEYS, ARGV): the call's keys and arguments (named as the EVAL globals they are on
 -- that path); the packed reply, or nil when the call is not one for the fast path.
+--
+-- Two layouts reach it. The store sends the compact one, mode 'd', for every decision it knows to
+-- be one for this path (token buckets only, distinct keys): ARGV = 'd', now ('' = TIME),
+-- deadline, then limit, interval (µs) and cost per key; 3 + 3n arguments instead of 6 + 7n, and
+-- nothing to check here. A 'decide' in the general layout (see tollgate.lua) whose limits qualify
+-- is answered here too, after the check.
 local FAST = 5
 
-local function fast_decide(KEYS, ARGV)
-  local n = #KEYS
-  if ARGV[1] ~= 'decide' or n == 0 then
-    return nil
-  end
-  for i = 1, n do
-    -- ARGV[7 + 7(i-1)]: limit i's algorithm; 0 is the token bucket.
-    if ARGV[7 + (i - 1) * 7] ~= '0' then
-      return nil
-    end
-    local key = KEYS[i]
-    for j = 1, i - 1 do
-      if KEYS[j] == key then
-        return nil
-      end
-    end
-  end
+-- The fast path proper, over n token buckets: limit i's limit at ARGV[limit_at + (i - 1) * stride],
+-- its interval right after, its cost `cost_off` after the limit; the deadline at
+-- ARGV[deadline_at].
+local function fast_path(KEYS, ARGV, n, limit_at, stride, cost_off, deadline_at)
   local now = call_time(ARGV)
-  local too_late = late(now, KEYS, ARGV)
-  if too_late then
-    return too_late
+  local deadline = tonumber(ARGV[deadline_at])
+  if deadline ~= nil and deadline ~= 0 and now > deadline then
+    return late_reply(now, n)
   end
   -- One key: a GET (pcall: a key of another type reads as absent, as MGET answers it), cheaper
   -- than an MGET of one.
@@ -49,7 +42,6 @@ local function fast_decide(KEYS, ARGV)
   end
   local out, nexts, all = { FAST, now, 1 }, {}, true
   for i = 1, n do
-    local p = 6 + (i - 1) * 7
     -- A bucket's state is 'b:<tat>' (see read_state in common.lua, whose general parse costs
     -- a few µs more per key); anything else, or nothing, is a fresh bucket.
     local v, tat = vals[i], 0
@@ -59,7 +51,8 @@ local function fast_decide(KEYS, ARGV)
     out[3 + i] = tat
     -- token_bucket(tat, now, limit, t, cost): admitted iff the cost fits the burst and the
     -- bucket, used up to max(tat - now, 0), has room for t * cost more within tau = t * limit.
-    local limit, t, cost = tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]), tonumber(ARGV[p + 5])
+    local p = limit_at + (i - 1) * stride
+    local limit, t, cost = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + cost_off])
     local used = tat - now
     if used < 0 then
       used = 0
@@ -84,4 +77,30 @@ local function fast_decide(KEYS, ARGV)
     out[3] = 0
   end
   return packed(out)
+end
+
+local function fast_decide(KEYS, ARGV)
+  local n = #KEYS
+  local mode = ARGV[1]
+  if mode == 'd' then
+    return fast_path(KEYS, ARGV, n, 4, 3, 2, 3)
+  end
+  if mode ~= 'decide' or n == 0 then
+    return nil
+  end
+  for i = 1, n do
+    -- ARGV[7 + 7(i-1)]: limit i's algorithm; 0 is the token bucket.
+    if ARGV[7 + (i - 1) * 7] ~= '0' then
+      return nil
+    end
+    local key = KEYS[i]
+    for j = 1, i - 1 do
+      if KEYS[j] == key then
+        return nil
+      end
+    end
+  end
+  -- The general layout: limit i's algorithm at 7 + 7(i - 1), then limit, interval, max_delay,
+  -- cost; the deadline at 6.
+  return fast_path(KEYS, ARGV, n, 8, 7, 3, 6)
 end

@@ -5,6 +5,7 @@
 --
 -- KEYS: one per limit.
 -- ARGV[1] mode: 'decide' | 'peek' | 'earliest' | 'reserve' | 'cancel' | 'undo' | 'pause'
+--   (and 'd', the fast path's compact decide, answered in fast_path.lua before this entry point)
 -- ARGV[2] now in µs, or '' to use the server's clock (TIME). Only test-vector replays pass a time.
 -- ARGV[3] call id: unique per call (sliding-window-log member names; 'undo' names the call undone)
 -- ARGV[4] reserve: max wait (µs); pause: duration (µs); otherwise 0

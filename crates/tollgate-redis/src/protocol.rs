@@ -301,7 +301,32 @@ impl ArgSink for redis::ScriptInvocation<'_> {
 }
 
 impl CallArgs<'_> {
+    /// Whether the call is one for the script's fast path (`lua/fast_path.lua`): a decision over
+    /// token buckets only, on distinct keys. It then goes in the compact layout.
+    fn is_fast(&self) -> bool {
+        self.mode == Mode::Decide
+            && self.arg4 == 0
+            && self.floor == 0
+            && self.items.iter().enumerate().all(|(i, item)| {
+                item.limit.quota.algorithm() == tollgate_core::Algorithm::TokenBucket
+                    && self.items[..i].iter().all(|other| other.key != item.key)
+            })
+    }
+
     fn push_to(&self, sink: &mut impl ArgSink) {
+        if self.is_fast() {
+            // 'd', now, deadline, then limit, interval (µs) and cost per key.
+            sink.push("d");
+            sink.push(&self.now);
+            sink.push(self.deadline);
+            for item in self.items {
+                let q = item.limit.quota;
+                sink.push(q.limit());
+                sink.push(q.interval_micros());
+                sink.push(item.cost);
+            }
+            return;
+        }
         sink.push(self.mode.as_str());
         sink.push(&self.now);
         sink.push(self.id);

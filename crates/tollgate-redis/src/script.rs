@@ -149,10 +149,15 @@ impl ScriptingState {
 }
 
 /// Whether the server refused `FCALL` / `FUNCTION` themselves (the call did not run): a command
-/// it does not know, or one the user may not run.
+/// it does not know, or one the user may not run. A `NOPERM` for anything else (a command the
+/// code runs inside, a key) is not: the call may have written part of its work already, so it is
+/// the call's error, never a reason to run it again through `EVALSHA`.
 fn refuses_functions(error: &redis::RedisError) -> bool {
     match error.code() {
-        Some("NOPERM") => true,
+        Some("NOPERM") => error.detail().is_some_and(|d| {
+            let d = d.to_ascii_lowercase();
+            d.contains("'fcall'") || d.contains("'function")
+        }),
         Some("ERR") => error.detail().is_some_and(|d| {
             let d = d.to_ascii_lowercase();
             d.starts_with("unknown command") || d.starts_with("unknown subcommand")
