@@ -365,8 +365,9 @@ impl RedisStore {
             });
             algorithm::decide(Some(&state), now, item.limit.quota, cost)
         };
-        let mut rows = Vec::with_capacity(items.len());
+        // First as charged (`a`, `b`: the state before and after), then fixed up in place.
         let mut all = true;
+        answer.rows.reserve_exact(items.len());
         for (item, &tat) in items.iter().zip(&tats) {
             let cost = u32::try_from(item.cost)
                 .map_err(|_| protocol(format!("a fast-path cost of {}", item.cost)))?;
@@ -376,7 +377,11 @@ impl RedisStore {
                 State::Bucket(b) => b.tat.as_micros(),
                 _ => tat,
             };
-            rows.push((decision, tat, next));
+            answer.rows.push(Row {
+                decision,
+                a: tat,
+                b: next,
+            });
         }
         if all != wrote {
             return Err(protocol(format!(
@@ -385,30 +390,17 @@ impl RedisStore {
                 if all { "all allow" } else { "do not all allow" }
             )));
         }
-        answer.rows = rows
-            .into_iter()
-            .zip(items)
-            .map(|((decision, tat, next), item)| {
-                if all {
-                    // Written only if it changed, as the script does.
-                    let (a, b) = if next == tat { (0, 0) } else { (tat, next) };
-                    Row { decision, a, b }
-                } else if decision.is_allowed() {
-                    // Not charged after all: how it stands.
-                    Row {
-                        decision: decide(item, tat, 0).0,
-                        a: 0,
-                        b: 0,
-                    }
-                } else {
-                    Row {
-                        decision,
-                        a: 0,
-                        b: 0,
-                    }
-                }
-            })
-            .collect();
+        for (row, item) in answer.rows.iter_mut().zip(items) {
+            if !all && row.decision.is_allowed() {
+                // Not charged after all: how it stands.
+                row.decision = decide(item, row.a, 0).0;
+            }
+            // The states are reported only for what was written, and only if it changed, as
+            // the script does.
+            if !all || row.a == row.b {
+                (row.a, row.b) = (0, 0);
+            }
+        }
         Ok(answer)
     }
 

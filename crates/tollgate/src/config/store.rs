@@ -64,10 +64,7 @@ impl fmt::Debug for StoreConfig {
                 .finish(),
             StoreConfig::Cluster { nodes, prefix } => f
                 .debug_struct("Cluster")
-                .field(
-                    "nodes",
-                    &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
-                )
+                .field("nodes", &redact_urls(nodes))
                 .field("prefix", prefix)
                 .finish(),
             StoreConfig::Sentinel {
@@ -80,10 +77,7 @@ impl fmt::Debug for StoreConfig {
             } => f
                 .debug_struct("Sentinel")
                 .field("master", master)
-                .field(
-                    "nodes",
-                    &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
-                )
+                .field("nodes", &redact_urls(nodes))
                 .field("prefix", prefix)
                 .field("username", username)
                 .field("password", &password.as_ref().map(|_| "<redacted>"))
@@ -93,13 +87,13 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
-#[cfg(test)]
-pub(super) fn redact_url_for_tests(url: &str) -> String {
-    redact_url(url)
+/// [`redact_url`] of each.
+fn redact_urls(urls: &[String]) -> Vec<String> {
+    urls.iter().map(|u| redact_url(u)).collect()
 }
 
 /// `url` with the password of its user part, if any, replaced with `<redacted>`.
-fn redact_url(url: &str) -> String {
+pub(super) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -147,10 +141,9 @@ no_repeated_keys!(RedisSpec);
 impl fmt::Debug for RedisSpec {
     /// Never a password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let urls = |urls: &[String]| urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>();
         f.debug_struct("RedisSpec")
             .field("url", &self.url.as_deref().map(redact_url))
-            .field("cluster", &self.cluster.as_deref().map(urls))
+            .field("cluster", &self.cluster.as_deref().map(redact_urls))
             .field("sentinel", &self.sentinel)
             .field("prefix", &self.prefix)
             .field("timeout_ms", &self.timeout_ms)
@@ -178,10 +171,7 @@ impl fmt::Debug for SentinelSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SentinelSpec")
             .field("master", &self.master)
-            .field(
-                "nodes",
-                &self.nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
-            )
+            .field("nodes", &redact_urls(&self.nodes))
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("db", &self.db)
