@@ -84,26 +84,6 @@ fn replica_of(cluster: &RedisCluster, master: usize) -> usize {
     }
 }
 
-/// The SHA1 of tollgate's script (what `EVALSHA` names it), computed by the server's Lua.
-fn script_sha1(node: &RedisServer) -> String {
-    let reply = node
-        .cmd(&[
-            "EVAL",
-            "return redis.sha1hex(ARGV[1])",
-            "0",
-            tollgate_redis::script_source(),
-        ])
-        .expect("EVAL sha1hex");
-    reply.as_str().expect("a hex digest").to_owned()
-}
-
-fn script_cached(node: &RedisServer, sha: &str) -> bool {
-    match node.cmd(&["SCRIPT", "EXISTS", sha]).expect("SCRIPT EXISTS") {
-        Reply::Array(Some(items)) => items == [Reply::Int(1)],
-        other => panic!("unexpected SCRIPT EXISTS reply {other:?}"),
-    }
-}
-
 /// Calls running on `store` until stopped, one task per key: how many, how many failed, how
 /// many failed otherwise than unavailable or timed out, the slowest.
 struct Load {
@@ -237,20 +217,6 @@ async fn decisions_reach(
     panic!("decisions did not reach node {master} within {RECOVERY:?}: {last}");
 }
 
-/// A fresh key with burst 5 (per hour) admits exactly 5 of 10 calls, every call answered.
-async fn burst_is_exact(store: &RedisStore, key: &str) {
-    let quota = Quota::per_hour(1).unwrap().with_burst(5).unwrap();
-    let mut admitted = 0;
-    for i in 0..10 {
-        match store.decide(&[Limit::new(key, &quota, 1)]).await {
-            Ok(v) if v.is_allowed() => admitted += 1,
-            Ok(_) => {}
-            Err(e) => panic!("call {i} on {key} failed after recovery: {e}"),
-        }
-    }
-    assert_eq!(admitted, 5, "{key}: a burst of 5 admitted {admitted} of 10");
-}
-
 /// One load key per master (two tasks each): traffic on every master's slots.
 fn load_keys(cluster: &RedisCluster, store: &RedisStore, masters: &[usize]) -> Vec<String> {
     masters
@@ -275,16 +241,16 @@ async fn a_master_killed_under_load_is_replaced_by_its_replica_and_the_store_fol
     let victim = masters[0];
     let replica = replica_of(&cluster, victim);
     let tag = tag_on(&cluster, &store, victim);
-    burst_is_exact(&store, &format!("{{{tag}}}:before")).await;
+    common::burst_is_exact(&store, &format!("{{{tag}}}:before")).await;
 
     // The promoted replica must not have the script cached: the store has to load it on NOSCRIPT.
-    let sha = script_sha1(&cluster.nodes()[victim]);
-    assert!(script_cached(&cluster.nodes()[victim], &sha));
+    let sha = common::script_sha1(&cluster.nodes()[victim]);
+    assert!(common::script_cached(&cluster.nodes()[victim], &sha));
     assert_eq!(
         cluster.nodes()[replica].cmd(&["SCRIPT", "FLUSH"]).unwrap(),
         Reply::Status("OK".into())
     );
-    assert!(!script_cached(&cluster.nodes()[replica], &sha));
+    assert!(!common::script_cached(&cluster.nodes()[replica], &sha));
 
     let load = Load::start(&store, &load_keys(&cluster, &store, &masters));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -305,14 +271,14 @@ async fn a_master_killed_under_load_is_replaced_by_its_replica_and_the_store_fol
     assert!(done.errors > 0, "a master was killed, yet no call failed");
 
     assert!(
-        script_cached(&cluster.nodes()[new], &sha),
+        common::script_cached(&cluster.nodes()[new], &sha),
         "the store decided on the promoted replica without loading the script?"
     );
-    burst_is_exact(&store, &format!("{{{tag}}}:after")).await;
+    common::burst_is_exact(&store, &format!("{{{tag}}}:after")).await;
     // Every master's slots are served again, by the store too.
     for m in cluster.masters().unwrap() {
         let tag = tag_on(&cluster, &store, m);
-        burst_is_exact(&store, &format!("{{{tag}}}:every-master")).await;
+        common::burst_is_exact(&store, &format!("{{{tag}}}:every-master")).await;
     }
 
     // The killed node comes back as a replica of the promoted one; the store, which never saw
@@ -326,7 +292,7 @@ async fn a_master_killed_under_load_is_replaced_by_its_replica_and_the_store_fol
         new
     );
     decisions_reach(&store, &cluster, &tag, new).await;
-    burst_is_exact(&store, &format!("{{{tag}}}:rejoined")).await;
+    common::burst_is_exact(&store, &format!("{{{tag}}}:rejoined")).await;
 }
 
 /// Several tasks deciding `[own limit, global limit]` at once; the global limit's burst is `B` and
@@ -464,7 +430,7 @@ async fn a_master_paused_briefly_times_calls_out_and_the_store_recovers() {
     let masters = cluster.masters().unwrap();
     let victim = masters[2];
     let tag = tag_on(&cluster, &store, victim);
-    burst_is_exact(&store, &format!("{{{tag}}}:before")).await;
+    common::burst_is_exact(&store, &format!("{{{tag}}}:before")).await;
 
     let load = Load::start(&store, &load_keys(&cluster, &store, &masters));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -488,7 +454,7 @@ async fn a_master_paused_briefly_times_calls_out_and_the_store_recovers() {
         done.timeouts > 0,
         "a master was frozen for 1.5 s, yet no call timed out"
     );
-    burst_is_exact(&store, &format!("{{{tag}}}:after")).await;
+    common::burst_is_exact(&store, &format!("{{{tag}}}:after")).await;
 }
 
 /// A replica that is down must not keep the store from loading the script on a master that lost
@@ -500,19 +466,19 @@ async fn a_dead_replica_does_not_keep_the_script_from_loading() {
     let master = cluster.masters().unwrap()[0];
     let replica = replica_of(&cluster, master);
     let tag = tag_on(&cluster, &store, master);
-    burst_is_exact(&store, &format!("{{{tag}}}:before")).await;
+    common::burst_is_exact(&store, &format!("{{{tag}}}:before")).await;
 
     blocking(|| cluster.stop_node(replica));
     // Until the others flag it failed, and after.
     for wait in [Duration::ZERO, Duration::from_secs(5)] {
         tokio::time::sleep(wait).await;
         let node = &cluster.nodes()[master];
-        let sha = script_sha1(node);
+        let sha = common::script_sha1(node);
         assert_eq!(
             node.cmd(&["SCRIPT", "FLUSH"]).unwrap(),
             Reply::Status("OK".into())
         );
-        assert!(!script_cached(node, &sha));
+        assert!(!common::script_cached(node, &sha));
         let key = format!("{{{tag}}}:after-{}", wait.as_secs());
         let quota = Quota::per_hour(1_000).unwrap();
         let mut last = String::new();

@@ -161,6 +161,25 @@ async fn a_store_built_while_redis_is_down_works_once_it_is_up() {
     backstop(store.ping()).await.expect("ping once up");
 }
 
+/// `n` decisions on `limit`, each answered (`when` says when, if one fails) and allowed: the
+/// remaining count of each.
+async fn allowed_remaining(
+    store: &RedisStore,
+    limit: &[Limit<'_>],
+    n: usize,
+    when: &str,
+) -> Vec<u32> {
+    let mut remaining = Vec::with_capacity(n);
+    for _ in 0..n {
+        let v = backstop(store.decide(limit))
+            .await
+            .unwrap_or_else(|e| panic!("{when}: {e}"));
+        assert!(v.is_allowed(), "{v:?}");
+        remaining.push(v.decisions()[0].remaining);
+    }
+    remaining
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_flush_mid_run_reloads_without_double_charge() {
     let server = common::server();
@@ -168,17 +187,9 @@ async fn script_flush_mid_run_reloads_without_double_charge() {
         common::connect(common::standalone_builder(&server).scripting(Scripting::Eval)).await;
     let quota = Quota::per_hour(1).unwrap().with_burst(5).unwrap();
     let limit = [Limit::new("flushed", &quota, 1)];
-
-    let mut remaining = Vec::new();
-    for _ in 0..3 {
-        let v = backstop(store.decide(&limit))
-            .await
-            .expect("before the flush");
-        assert!(v.is_allowed(), "{v:?}");
-        remaining.push(v.decisions()[0].remaining);
-    }
+    let mut remaining = allowed_remaining(&store, &limit, 3, "before the flush").await;
     // The store loaded the script on first use; SCRIPT FLUSH removes it.
-    let sha = script_sha1(&server);
+    let sha = common::script_sha1(&server);
     let exists = |server: &RedisServer| {
         server
             .cmd(&["SCRIPT", "EXISTS", &sha])
@@ -191,13 +202,15 @@ async fn script_flush_mid_run_reloads_without_double_charge() {
     );
     assert_eq!(exists(&server), Reply::Array(Some(vec![Reply::Int(0)])));
 
-    for _ in 0..2 {
-        let v = backstop(store.decide(&limit))
-            .await
-            .expect("after the flush: NOSCRIPT is handled by loading the script");
-        assert!(v.is_allowed(), "{v:?}");
-        remaining.push(v.decisions()[0].remaining);
-    }
+    remaining.extend(
+        allowed_remaining(
+            &store,
+            &limit,
+            2,
+            "after the flush: NOSCRIPT is handled by loading the script",
+        )
+        .await,
+    );
     // 5, 4, ... down to 0: each call charged exactly once, across the flush.
     assert_eq!(remaining, [4, 3, 2, 1, 0]);
     let v = backstop(store.decide(&limit))
@@ -215,14 +228,7 @@ async fn function_flush_mid_run_reloads_without_double_charge() {
         common::connect(common::standalone_builder(&server).scripting(Scripting::Functions)).await;
     let quota = Quota::per_hour(1).unwrap().with_burst(5).unwrap();
     let limit = [Limit::new("flushed", &quota, 1)];
-    let mut remaining = Vec::new();
-    for _ in 0..3 {
-        let v = backstop(store.decide(&limit))
-            .await
-            .expect("before the flush");
-        assert!(v.is_allowed(), "{v:?}");
-        remaining.push(v.decisions()[0].remaining);
-    }
+    let mut remaining = allowed_remaining(&store, &limit, 3, "before the flush").await;
     let name = tollgate_redis::function_library_name();
     let listed = common::has_library;
     assert!(listed(&server), "the store loaded no library {name}");
@@ -231,13 +237,15 @@ async fn function_flush_mid_run_reloads_without_double_charge() {
         Reply::Status("OK".into())
     );
     assert!(!listed(&server));
-    for _ in 0..2 {
-        let v = backstop(store.decide(&limit))
-            .await
-            .expect("after the flush: \"Function not found\" is handled by loading the library");
-        assert!(v.is_allowed(), "{v:?}");
-        remaining.push(v.decisions()[0].remaining);
-    }
+    remaining.extend(
+        allowed_remaining(
+            &store,
+            &limit,
+            2,
+            "after the flush: \"Function not found\" is handled by loading the library",
+        )
+        .await,
+    );
     assert!(listed(&server), "the library was not loaded again");
     assert_eq!(remaining, [4, 3, 2, 1, 0]);
     let v = backstop(store.decide(&limit))
@@ -309,19 +317,6 @@ async fn auto_falls_back_to_evalsha_where_functions_are_refused() {
         .await
         .expect_err("functions forced on a server refusing them");
     assert!(e.to_string().contains("fcall"), "{e}");
-}
-
-/// The SHA1 of tollgate's script (what `EVALSHA` names it), computed by the server's Lua.
-fn script_sha1(server: &RedisServer) -> String {
-    let reply = server
-        .cmd(&[
-            "EVAL",
-            "return redis.sha1hex(ARGV[1])",
-            "0",
-            tollgate_redis::script_source(),
-        ])
-        .expect("EVAL sha1hex");
-    reply.as_str().expect("a hex digest").to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,20 +132,6 @@ async fn decisions_reach(
     panic!("decisions did not reach the new master {master} within {RECOVERY:?}: {last}");
 }
 
-/// A fresh key with burst 5 (per hour) admits exactly 5 of 10 calls, every call answered.
-async fn burst_is_exact(store: &RedisStore, key: &str) {
-    let quota = Quota::per_hour(1).unwrap().with_burst(5).unwrap();
-    let mut admitted = 0;
-    for i in 0..10 {
-        match store.decide(&[Limit::new(key, &quota, 1)]).await {
-            Ok(v) if v.is_allowed() => admitted += 1,
-            Ok(_) => {}
-            Err(e) => panic!("call {i} on {key} failed after recovery: {e}"),
-        }
-    }
-    assert_eq!(admitted, 5, "{key}: a burst of 5 admitted {admitted} of 10");
-}
-
 fn assert_bounded(label: &str, calls: u64, errors: u64, slowest: Duration) {
     eprintln!("{label}: {calls} calls, {errors} failed, slowest {slowest:?}");
     assert!(calls > 0, "{label}: no call ran");
@@ -174,7 +160,7 @@ async fn a_forced_failover_is_followed_and_no_call_hangs() {
     let group = common::sentinel();
     let store = store(&group).await;
     let old = group.master_addr().unwrap();
-    burst_is_exact(&store, "before").await;
+    common::burst_is_exact(&store, "before").await;
 
     let load = Load::start(&store, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -186,7 +172,7 @@ async fn a_forced_failover_is_followed_and_no_call_hangs() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (calls, errors, slowest) = load.finish().await;
     assert_bounded("forced failover", calls, errors, slowest);
-    burst_is_exact(&store, "after").await;
+    common::burst_is_exact(&store, "after").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +198,7 @@ async fn a_killed_master_is_replaced_and_the_store_follows() {
     let (calls, errors, slowest) = load.finish().await;
     assert_bounded("killed master", calls, errors, slowest);
     assert!(errors > 0, "the master was killed, yet no call failed");
-    burst_is_exact(&store, "after-kill").await;
+    common::burst_is_exact(&store, "after-kill").await;
 }
 
 /// A promoted replica may not have the script cached (the script cache does not replicate) and,
@@ -224,7 +210,7 @@ async fn the_new_master_without_the_script_still_decides() {
     let group = common::sentinel();
     let store = store(&group).await;
     let old = group.master_addr().unwrap();
-    burst_is_exact(&store, "before").await;
+    common::burst_is_exact(&store, "before").await;
     let (group, new) = forced_failover(group, old).await;
     let node = &group.nodes()[group.node_index(new).unwrap()];
     // The library loaded on the old master came over with replication.
@@ -236,7 +222,7 @@ async fn the_new_master_without_the_script_still_decides() {
         assert_eq!(node.cmd(&flush).unwrap(), Reply::Status("OK".into()));
     }
     decisions_reach(&store, &group, new).await;
-    burst_is_exact(&store, "after").await;
+    common::burst_is_exact(&store, "after").await;
 }
 
 /// A group whose data nodes ask for a password: the store given it (`master_auth`) decides on
@@ -258,11 +244,11 @@ async fn a_master_behind_a_password_is_reached_with_master_auth() {
         !format!("{store:?}").contains("s3cret"),
         "the store's Debug shows the password"
     );
-    burst_is_exact(&store, "auth:before").await;
+    common::burst_is_exact(&store, "auth:before").await;
     let old = group.master_addr().unwrap();
     let (group, new) = forced_failover(group, old).await;
     decisions_reach(&store, &group, new).await;
-    burst_is_exact(&store, "auth:after").await;
+    common::burst_is_exact(&store, "auth:after").await;
 
     let no_auth = RedisStore::sentinel_builder(group.master_name(), group.sentinel_urls())
         .timeout(TIMEOUT)

@@ -121,3 +121,39 @@ pub fn has_library(node: &RedisServer) -> bool {
         other => panic!("FUNCTION LIST answered {other:?}"),
     }
 }
+
+/// A fresh key with burst 5 (per hour) admits exactly 5 of 10 calls, every call answered.
+pub async fn burst_is_exact(store: &RedisStore, key: &str) {
+    use tollgate_core::{Limit, Quota, Store};
+    let quota = Quota::per_hour(1).unwrap().with_burst(5).unwrap();
+    let mut admitted = 0;
+    for i in 0..10 {
+        match store.decide(&[Limit::new(key, &quota, 1)]).await {
+            Ok(v) if v.is_allowed() => admitted += 1,
+            Ok(_) => {}
+            Err(e) => panic!("call {i} on {key} failed after recovery: {e}"),
+        }
+    }
+    assert_eq!(admitted, 5, "{key}: a burst of 5 admitted {admitted} of 10");
+}
+
+/// The SHA1 of tollgate's script (what `EVALSHA` names it), computed by the server's Lua.
+pub fn script_sha1(node: &RedisServer) -> String {
+    let reply = node
+        .cmd(&[
+            "EVAL",
+            "return redis.sha1hex(ARGV[1])",
+            "0",
+            tollgate_redis::script_source(),
+        ])
+        .expect("EVAL sha1hex");
+    reply.as_str().expect("a hex digest").to_owned()
+}
+
+/// Whether `node` has the script of SHA1 `sha` in its cache (`SCRIPT EXISTS`).
+pub fn script_cached(node: &RedisServer, sha: &str) -> bool {
+    match node.cmd(&["SCRIPT", "EXISTS", sha]).expect("SCRIPT EXISTS") {
+        Reply::Array(Some(items)) => items == [Reply::Int(1)],
+        other => panic!("unexpected SCRIPT EXISTS reply {other:?}"),
+    }
+}
