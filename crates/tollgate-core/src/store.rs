@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Decision, Outcome, Quota, Timestamp};
+use crate::{Decision, Lease, LeaseId, Leased, Outcome, Quota, Timestamp};
 
 /// One limit a request must pass: a key, its quota and the cost to charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,6 +363,52 @@ pub trait Store: Send + Sync + 'static {
         let _ = limits;
         None
     }
+
+    /// [`peek`](Self::peek) without waiting, for stores without I/O (like
+    /// [`decide_now`](Self::decide_now)). The default is `None`.
+    fn peek_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
+        let _ = limits;
+        None
+    }
+
+    /// Decides `limits` like `decide` and, in the same atomic step, takes one lease of `lease`.
+    fn decide_leased(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> impl Future<Output = Result<Leased, StoreError>> + Send {
+        let _ = (limits, lease);
+        std::future::ready(Err(StoreError::new(
+            StoreErrorKind::Other,
+            "this store does not support concurrency leases",
+        )))
+    }
+
+    /// Gives a lease back.
+    fn release(
+        &self,
+        key: &str,
+        id: LeaseId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, id);
+        std::future::ready(Ok(()))
+    }
+
+    /// decide_leased without waiting.
+    fn decide_leased_now(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>> {
+        let _ = (limits, lease);
+        None
+    }
+
+    /// release without waiting.
+    fn release_now(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>> {
+        let _ = (key, id);
+        None
+    }
 }
 
 /// A boxed, `Send` future, as [`DynStore`] returns.
@@ -403,6 +449,28 @@ pub trait DynStore: Send + Sync + 'static {
     fn kind_dyn(&self) -> &'static str;
     /// [`Store::decide_now`].
     fn decide_now_dyn(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>>;
+    /// [`Store::peek_now`].
+    fn peek_now_dyn(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>>;
+    /// [`Store::decide_leased`], boxed.
+    fn decide_leased_boxed<'a>(
+        &'a self,
+        limits: &'a [Limit<'a>],
+        lease: &'a Lease<'a>,
+    ) -> BoxFuture<'a, Result<Leased, StoreError>>;
+    /// [`Store::release`], boxed.
+    fn release_boxed<'a>(
+        &'a self,
+        key: &'a str,
+        id: LeaseId,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// [`Store::decide_leased_now`].
+    fn decide_leased_now_dyn(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>>;
+    /// [`Store::release_now`].
+    fn release_now_dyn(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>>;
 }
 
 impl<S: Store> DynStore for S {
@@ -451,6 +519,38 @@ impl<S: Store> DynStore for S {
     fn decide_now_dyn(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
         self.decide_now(limits)
     }
+
+    fn peek_now_dyn(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
+        self.peek_now(limits)
+    }
+
+    fn decide_leased_boxed<'a>(
+        &'a self,
+        limits: &'a [Limit<'a>],
+        lease: &'a Lease<'a>,
+    ) -> BoxFuture<'a, Result<Leased, StoreError>> {
+        Box::pin(self.decide_leased(limits, lease))
+    }
+
+    fn release_boxed<'a>(
+        &'a self,
+        key: &'a str,
+        id: LeaseId,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.release(key, id))
+    }
+
+    fn decide_leased_now_dyn(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>> {
+        self.decide_leased_now(limits, lease)
+    }
+
+    fn release_now_dyn(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>> {
+        self.release_now(key, id)
+    }
 }
 
 impl Store for Arc<dyn DynStore> {
@@ -489,5 +589,33 @@ impl Store for Arc<dyn DynStore> {
 
     fn decide_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
         self.as_ref().decide_now_dyn(limits)
+    }
+
+    fn peek_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
+        self.as_ref().peek_now_dyn(limits)
+    }
+
+    async fn decide_leased(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Result<Leased, StoreError> {
+        self.as_ref().decide_leased_boxed(limits, lease).await
+    }
+
+    async fn release(&self, key: &str, id: LeaseId) -> Result<(), StoreError> {
+        self.as_ref().release_boxed(key, id).await
+    }
+
+    fn decide_leased_now(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>> {
+        self.as_ref().decide_leased_now_dyn(limits, lease)
+    }
+
+    fn release_now(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>> {
+        self.as_ref().release_now_dyn(key, id)
     }
 }

@@ -231,6 +231,10 @@ impl<C: Clock> Store for MemoryStore<C> {
     fn decide_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
         Some(Ok(MemoryStore::decide_now(self, limits)))
     }
+
+    fn peek_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
+        Some(Ok(MemoryStore::peek_now(self, limits)))
+    }
 }
 
 #[cfg(test)]
