@@ -15,7 +15,8 @@
 //! | `rate_limiter_upstream_open_total` | counter | `bucket` (outbound: refused while the upstream's failure breaker is open) |
 //! | `rate_limiter_rejections_total` | counter | `limit` (the plain limiter: a `RateLimited` returned) |
 //! | `rate_limiter_misconfigured_total` | counter | `reason` = no_peer_address / unknown_tier (inbound: answered 500) |
-//! | `rate_limiter_store_compensation_errors_total` | counter | `store`, `op` = undo / cancel (a charge that could not be given back) |
+//! | `rate_limiter_store_compensation_errors_total` | counter | `store`, `op` = undo / cancel / release (a charge or lease that could not be given back) |
+//! | `rate_limiter_adaptive_factor` | gauge | `tier` (the adaptive limits: the share of the tier's quota in force, 1 = all of it) |
 //!
 //! [`ALL`] lists them (name, type, unit, help text) for code that needs the whole set, such as a
 //! check that a dashboard names only metrics that exist.
@@ -95,6 +96,9 @@ pub const MISCONFIGURED_TOTAL: &str = "rate_limiter_misconfigured_total";
 /// after a later slot denied) or `cancel` (a reservation given back by a dropped wait). The
 /// charge stays until it expires, which errs toward denial.
 pub const COMPENSATION_ERRORS_TOTAL: &str = "rate_limiter_store_compensation_errors_total";
+
+/// The share of a tier's quota the adaptive limits leave in force (1 = all of it), by `tier`.
+pub const ADAPTIVE_FACTOR: &str = "rate_limiter_adaptive_factor";
 
 /// What kind of metric a name is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,8 +213,15 @@ pub const ALL: &[MetricInfo] = {
             COMPENSATION_ERRORS_TOTAL,
             Counter,
             Unit::Count,
-            "Compensating store writes that failed (op undo or cancel), leaving a charge until it \
-             expires, by store and op.",
+            "Compensating store writes that failed (op undo, cancel or release), leaving a charge \
+             or a lease until it expires, by store and op.",
+        ),
+        info(
+            ADAPTIVE_FACTOR,
+            Gauge,
+            Unit::Count,
+            "The share of the tier's quota the adaptive limits leave in force (1 = all of it), \
+             by tier.",
         ),
     ]
 };
@@ -357,7 +368,7 @@ mod tests {
             .map(|m| (m.kind, m.name.to_owned(), Some(m.unit), m.help.to_owned()))
             .collect();
         assert_eq!(got, want);
-        assert_eq!(got.len(), 12, "{got:?}");
+        assert_eq!(got.len(), ALL.len(), "{got:?}");
     }
 
     #[test]

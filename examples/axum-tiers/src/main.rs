@@ -8,6 +8,8 @@
 //! curl -i -H 'X-Api-Key: demo-basic-key' localhost:3000/api/hello   # basic: 20 at once
 //! curl -i -X POST -H 'X-Api-Key: demo-pro-key' localhost:3000/api/reports   # costs 5
 //! curl -s localhost:3000/metrics | grep rate_limiter
+//! curl -i 'localhost:3000/api/slow?ms=500'                          # answers after 500 ms
+//! curl -i -X POST -d password=letmein localhost:3000/api/login      # 200; a wrong one 401
 //! ```
 //!
 //! `axum-tiers [--config PATH] [--addr HOST:PORT] [--redis URL] [--header-read-timeout SECS]`:
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, RawQuery, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -122,6 +124,8 @@ pub fn app(state: AppState, limiter: RateLimitLayer<ApiKeys>) -> Router {
         .route("/api/hello", get(hello))
         .route("/api/reports", post(report))
         .route("/api/search", get(search))
+        .route("/api/slow", get(slow))
+        .route("/api/login", post(login))
         .route_layer(limiter);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -143,6 +147,46 @@ async fn report() -> (StatusCode, &'static str) {
 
 async fn search() -> &'static str {
     "no results\n"
+}
+
+/// The longest `/api/slow` waits, whatever `ms` asks.
+const SLOWEST: Duration = Duration::from_secs(60);
+
+/// `GET /api/slow?ms=N`: answers after N milliseconds (200 by default, at most a minute). A bad
+/// `ms` is a 400 naming it.
+async fn slow(RawQuery(query): RawQuery) -> Result<String, (StatusCode, String)> {
+    let ms = match query_value(query.as_deref().unwrap_or(""), "ms") {
+        None => 200,
+        Some(text) => text.parse::<u64>().map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("ms must be a whole number of milliseconds, not `{text}`\n"),
+            )
+        })?,
+    };
+    let wait = Duration::from_millis(ms).min(SLOWEST);
+    tokio::time::sleep(wait).await;
+    Ok(format!("answered after {} ms\n", wait.as_millis()))
+}
+
+/// `POST /api/login`: `password=letmein` in the query or the form body answers 200, anything
+/// else 401 (the route charges only failures: see limits.yaml).
+async fn login(RawQuery(query): RawQuery, body: String) -> (StatusCode, &'static str) {
+    let password = query_value(query.as_deref().unwrap_or(""), "password")
+        .or_else(|| query_value(&body, "password"));
+    match password {
+        Some("letmein") => (StatusCode::OK, "welcome\n"),
+        _ => (StatusCode::UNAUTHORIZED, "wrong password\n"),
+    }
+}
+
+/// The value of `name` in a query string or form body (`a=1&b=2`), taken as written.
+fn query_value<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.trim_end_matches(['\r', '\n'])
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
 }
 
 async fn metrics(State(state): State<AppState>) -> String {

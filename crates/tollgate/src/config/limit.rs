@@ -16,8 +16,58 @@ impl Ctx<'_> {
         parse_duration(text).map_err(|e| self.error(path, e.to_string()))
     }
 
-    /// The quota of the limit at `path`.
+    /// The quota of the limit at `path`, which is not a tier: a concurrency cap is refused.
     pub(super) fn quota(&self, path: &FieldPath, spec: &LimitSpec) -> Result<Quota, ConfigError> {
+        for (given, name) in [
+            (spec.concurrency.is_some(), "concurrency"),
+            (spec.lease_time.is_some(), "lease_time"),
+        ] {
+            if given {
+                return Err(self.error(
+                    &path.clone().key(name),
+                    format!("`{name}` applies to tiers (rate_limits) only"),
+                ));
+            }
+        }
+        self.rate_quota(path, spec)
+    }
+
+    /// A tier's concurrency cap and lease time, if it has a cap.
+    pub(super) fn concurrency(
+        &self,
+        path: &FieldPath,
+        spec: &LimitSpec,
+    ) -> Result<Option<(u32, Duration)>, ConfigError> {
+        let lease = match &spec.lease_time {
+            Some(text) => {
+                let at = path.clone().key("lease_time");
+                let lease = self.duration(&at, text)?;
+                if lease.is_zero() {
+                    return Err(self.error(&at, "lease_time must be more than 0"));
+                }
+                if spec.concurrency.is_none() {
+                    return Err(self.error(&at, "lease_time needs a `concurrency` cap"));
+                }
+                lease
+            }
+            None => crate::inbound::DEFAULT_LEASE_TIME,
+        };
+        match spec.concurrency {
+            None => Ok(None),
+            Some(0) => Err(self.error(
+                &path.clone().key("concurrency"),
+                "concurrency must be at least 1 (0 would refuse every request)",
+            )),
+            Some(n) => Ok(Some((n, lease))),
+        }
+    }
+
+    /// The rate quota of the limit at `path`.
+    pub(super) fn rate_quota(
+        &self,
+        path: &FieldPath,
+        spec: &LimitSpec,
+    ) -> Result<Quota, ConfigError> {
         let algorithm = match &spec.algorithm {
             Some(name) => name
                 .parse::<Algorithm>()

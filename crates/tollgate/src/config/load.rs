@@ -115,6 +115,18 @@ impl Config {
                 self.timeout.as_millis()
             ));
         }
+        let adaptive = |c: &Config| {
+            c.policy
+                .adaptive()
+                .map(|a| (a.config.clone(), a.priority.clone()))
+        };
+        if adaptive(self) != adaptive(running) {
+            out.push(
+                "adaptive: the settings and priority it started with (the quotas it lowers \
+                 do follow the file)"
+                    .to_owned(),
+            );
+        }
         out
     }
 

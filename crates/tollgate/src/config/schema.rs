@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer};
 use super::store::StoreSpec;
 use super::unique::{NoRepeats, no_repeated_keys};
 
-no_repeated_keys!(File, LimitSpec, RouteSpec, ApiKeySpec);
+no_repeated_keys!(File, LimitSpec, RouteSpec, ApiKeySpec, AdaptiveSpec);
 
 #[derive(Debug, Deserialize)]
 #[serde(remote = "Self", deny_unknown_fields)]
@@ -38,6 +38,30 @@ pub(super) struct File {
     pub(super) exempt_paths: Vec<String>,
     #[serde(default)]
     pub(super) anonymous_tier: Option<String>,
+    #[serde(default)]
+    pub(super) adaptive: Option<AdaptiveSpec>,
+}
+
+/// The `adaptive` section: the controller's settings and the tiers it may lower.
+#[derive(Debug, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub(super) struct AdaptiveSpec {
+    #[serde(default)]
+    pub(super) target_latency: Option<String>,
+    #[serde(default)]
+    pub(super) max_in_flight: Option<u32>,
+    #[serde(default)]
+    pub(super) quantile: Option<f64>,
+    #[serde(default)]
+    pub(super) interval: Option<String>,
+    #[serde(default)]
+    pub(super) decrease: Option<f64>,
+    #[serde(default)]
+    pub(super) increase: Option<f64>,
+    #[serde(default)]
+    pub(super) min_factor: Option<f64>,
+    #[serde(default)]
+    pub(super) priority: Vec<String>,
 }
 
 /// A limit: a tier, `global`, a route's `limit`, an entry of `limits`.
@@ -52,6 +76,10 @@ pub(super) struct LimitSpec {
     pub(super) window: Option<String>,
     pub(super) algorithm: Option<String>,
     pub(super) max_delay: Option<String>,
+    /// Tiers only: the cap on a caller's requests in flight.
+    pub(super) concurrency: Option<u32>,
+    /// Tiers only: how long a concurrency lease lives if never given back.
+    pub(super) lease_time: Option<String>,
 }
 
 /// An entry of `routes`.
@@ -65,6 +93,12 @@ pub(super) struct RouteSpec {
     pub(super) cost: Option<u32>,
     #[serde(default)]
     pub(super) limit: Option<LimitSpec>,
+    #[serde(default)]
+    pub(super) shared_limit: Option<LimitSpec>,
+    #[serde(default)]
+    pub(super) limits_by_tier: UniqueMap<LimitSpec>,
+    #[serde(default)]
+    pub(super) charge: Option<String>,
 }
 
 /// An entry of `api_keys`.

@@ -7,12 +7,23 @@ use http::Method;
 
 use super::load::Origin;
 use super::position::{FieldPath, line_of, yaml_error};
-use super::schema::{File, RouteSpec};
+use super::schema::{AdaptiveSpec, File, RouteSpec};
 use super::store::StoreConfig;
 use super::{Config, ConfigError};
 use crate::http::forwarded::{ForwardedHeader, TrustedProxies, parse_cidr};
 use crate::http::headers::HeaderMode;
-use crate::inbound::{ApiKeyEntry, ApiKeys, ClientIp, Policy, Route};
+use crate::inbound::adaptive::AdaptiveConfig;
+use crate::inbound::{ApiKeyEntry, ApiKeys, Charge, ClientIp, Policy, Route};
+
+/// The tiers of the file, for an error naming an unknown one.
+fn tier_names(parsed: &File) -> String {
+    parsed
+        .rate_limits
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The text being validated and the name errors give it.
 pub(super) struct Ctx<'a> {
@@ -66,15 +77,24 @@ pub(super) fn validate(text: &str, file: &Path) -> Result<Config, ConfigError> {
     }
     let mut largest_tier = 0;
     for (name, spec) in parsed.rate_limits.iter() {
-        let quota = ctx.quota(&top("rate_limits").key(name), spec)?;
+        let at = top("rate_limits").key(name);
+        let quota = ctx.rate_quota(&at, spec)?;
         largest_tier = largest_tier.max(quota.limit());
         policy = policy.tier(name, quota);
+        if let Some((max, lease)) = ctx.concurrency(&at, spec)? {
+            policy = policy.concurrency(name, max, lease);
+        }
     }
     if let Some(spec) = &parsed.global {
         policy = policy.global(ctx.quota(&top("global"), spec)?);
     }
     for (i, spec) in parsed.routes.iter().enumerate() {
-        policy = policy.route(ctx.route(&top("routes").index(i), spec, largest_tier)?);
+        policy = policy.route(ctx.route(&top("routes").index(i), spec, &parsed, largest_tier)?);
+    }
+    if let Some(spec) = &parsed.adaptive {
+        let (config, priority) = ctx.adaptive(&top("adaptive"), spec, &parsed)?;
+        let names: Vec<&str> = priority.iter().map(String::as_str).collect();
+        policy = policy.adaptive(config, &names);
     }
     for path in &parsed.exempt_paths {
         policy = policy.exempt_path(path);
@@ -111,6 +131,7 @@ impl Ctx<'_> {
         &self,
         at: &FieldPath,
         spec: &RouteSpec,
+        parsed: &File,
         largest_tier: u32,
     ) -> Result<Route, ConfigError> {
         let field = |name: &str| at.clone().key(name);
@@ -151,7 +172,121 @@ impl Ctx<'_> {
             }
             route = route.limit(quota);
         }
+        let cost = spec.cost.unwrap_or(1);
+        let too_costly =
+            |limit: u32| format!("the cost {cost} is more than this limit can ever hold ({limit})");
+        if let Some(shared) = &spec.shared_limit {
+            let quota = self.quota(&field("shared_limit"), shared)?;
+            if cost > quota.limit() {
+                return Err(self.error(&field("shared_limit"), too_costly(quota.limit())));
+            }
+            route = route.shared_limit(quota);
+        }
+        for (tier, limit) in spec.limits_by_tier.iter() {
+            let place = field("limits_by_tier").key(tier);
+            if !parsed.rate_limits.contains_key(tier) {
+                return Err(self.error(
+                    &place,
+                    format!("unknown tier `{tier}` (tiers: {})", tier_names(parsed)),
+                ));
+            }
+            let quota = self.quota(&place, limit)?;
+            if cost > quota.limit() {
+                return Err(self.error(&place, too_costly(quota.limit())));
+            }
+            route = route.tier_limit(tier, quota);
+        }
+        match spec.charge.as_deref() {
+            None | Some("always") => {}
+            Some("failures") => {
+                if spec.limit.is_none()
+                    && spec.shared_limit.is_none()
+                    && spec.limits_by_tier.is_empty()
+                {
+                    return Err(self.error(
+                        &field("charge"),
+                        "`charge: failures` needs a route limit to charge (limit, shared_limit or \
+                         limits_by_tier)",
+                    ));
+                }
+                route = route.charge(Charge::Failures);
+            }
+            Some(other) => {
+                return Err(self.error(
+                    &field("charge"),
+                    format!("unknown charge `{other}`: expected always or failures"),
+                ));
+            }
+        }
         Ok(route)
+    }
+
+    /// The `adaptive` section: the controller's settings and the tiers it may lower, lowest
+    /// priority first.
+    fn adaptive(
+        &self,
+        at: &FieldPath,
+        spec: &AdaptiveSpec,
+        parsed: &File,
+    ) -> Result<(AdaptiveConfig, Vec<String>), ConfigError> {
+        let field = |name: &str| at.clone().key(name);
+        let mut config = AdaptiveConfig::default();
+        match (&spec.target_latency, spec.max_in_flight) {
+            (None, None) => {
+                return Err(self.error(
+                    at,
+                    "adaptive needs a load signal: target_latency, max_in_flight or both",
+                ));
+            }
+            (latency, in_flight) => {
+                config.target_latency = match latency {
+                    Some(text) => Some(
+                        super::duration::parse_duration(text)
+                            .map_err(|e| self.error(&field("target_latency"), e.to_string()))?,
+                    ),
+                    None => None,
+                };
+                config.max_in_flight = in_flight;
+            }
+        }
+        if let Some(text) = &spec.interval {
+            config.interval = super::duration::parse_duration(text)
+                .map_err(|e| self.error(&field("interval"), e.to_string()))?;
+        }
+        if let Some(q) = spec.quantile {
+            config.quantile = q;
+        }
+        if let Some(d) = spec.decrease {
+            config.decrease = d;
+        }
+        if let Some(i) = spec.increase {
+            config.increase = i;
+        }
+        if let Some(m) = spec.min_factor {
+            config.min_factor = m;
+        }
+        config
+            .validate()
+            .map_err(|e| self.error(&field(e.field()), e.to_string()))?;
+        if spec.priority.is_empty() {
+            return Err(self.error(
+                &field("priority"),
+                "name the tiers the adaptive limits may lower, lowest priority first",
+            ));
+        }
+        for (i, tier) in spec.priority.iter().enumerate() {
+            let place = field("priority").index(i);
+            if !parsed.rate_limits.contains_key(tier) {
+                return Err(self.error(
+                    &place,
+                    format!("unknown tier `{tier}` (tiers: {})", tier_names(parsed)),
+                ));
+            }
+            if spec.priority[..i].contains(tier) {
+                return Err(self.error(&place, format!("tier `{tier}` is named twice")));
+            }
+        }
+        Ok((config, spec.priority.clone()))
     }
 
     /// Who is calling: the API keys, and anonymous callers by their address.
@@ -187,12 +322,7 @@ impl Ctx<'_> {
                     format!(
                         "unknown tier `{}` (tiers: {})",
                         spec.tier,
-                        parsed
-                            .rate_limits
-                            .keys()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        tier_names(parsed)
                     ),
                 ));
             }

@@ -6,14 +6,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use tollgate_core::{Decision, Outcome, Verdict};
+use tollgate_core::{Decision, Leased, Outcome, Verdict};
 
-use super::decision::{After, Next, Planned, RateLimitDecision};
+use super::decision::{After, DeferredCharge, Extra, LeaseGuard, Next, Planned, RateLimitDecision};
 use super::denied::DeniedCache;
 use super::identity::{Identity, Rejection};
-use super::plan::Plan;
+use super::plan::{Indices, Plan, Slot};
 use super::policy::{Policy, PolicyHandle};
 use super::response;
+use super::shedding::Shedding;
 use crate::http::headers::HeaderMode;
 use crate::http::key::fingerprint;
 use crate::limiter::guarded::{Guarded, GuardedStore};
@@ -32,6 +33,8 @@ pub(crate) struct Shared {
     /// Whether a passing request carries its [`RateLimitDecision`] (the builder's
     /// `decision_extension`).
     pub(crate) decision_extension: bool,
+    /// The adaptive limits, when the policy has them.
+    pub(crate) adaptive: Option<Shedding>,
 }
 
 /// Counts a decision in the tier's metrics.
@@ -53,6 +56,37 @@ fn breach(plan: &Plan) {
 }
 
 impl Shared {
+    /// Charges the limits of a route that charges only failures, after a failed response:
+    /// at once on a store without I/O (`true`), else `false` and the caller awaits
+    /// [`charge`](Self::charge).
+    pub(crate) fn charge_now(&self, plan: &Plan) -> bool {
+        let (limits, n, _) = plan.deferred();
+        match self.store.decide_now(&limits[..n]) {
+            Some(answer) => {
+                Self::charged(plan, &answer);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`charge_now`](Self::charge_now) on a store that does I/O.
+    pub(crate) async fn charge(self: Arc<Self>, plan: Plan) {
+        let (limits, n, _) = plan.deferred();
+        let answer = self.store.decide(&limits[..n]).await;
+        Self::charged(&plan, &answer);
+    }
+
+    /// A failure charged: a charge the limits refuse (failures that passed the check together)
+    /// is said in the debug log.
+    fn charged(plan: &Plan, answer: &Guarded<Verdict>) {
+        if let Guarded::Store(v) | Guarded::Local(v) = answer
+            && !v.is_allowed()
+        {
+            tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), "a failure found its route's limit spent by failures in flight at once");
+        }
+    }
+
     /// The answer to a request the extractor could not identify.
     pub(crate) fn reject(&self, rejection: &Rejection) -> Response<Bytes> {
         match rejection {
@@ -80,7 +114,7 @@ impl Shared {
     /// Works out the limits of a request and what the cache or a store without I/O says; the
     /// plan to decide asynchronously otherwise.
     pub(crate) fn plan<B>(
-        &self,
+        self: &Arc<Self>,
         policy: Arc<Policy>,
         identity: Identity,
         request: &Request<B>,
@@ -95,12 +129,17 @@ impl Shared {
             );
             return Planned::Decided(Next::Respond(self.misconfigured("unknown_tier", &detail)));
         };
+        let effective = self
+            .adaptive
+            .as_ref()
+            .and_then(|a| a.effective(&policy, tier));
         let plan = Plan::new(
             policy,
             tier,
             identity.key,
             request.method(),
             request.uri().path(),
+            effective,
         );
         if !plan.policy.is_shadow()
             && let Some(cache) = &self.denied
@@ -120,8 +159,26 @@ impl Shared {
                 }
             }
         }
-        let (limits, n) = plan.limits();
-        match self.store.decide_now(&limits[..n]) {
+        if plan.charges_failures() {
+            let (checks, m, at) = plan.deferred();
+            let Some(answer) = self.store.peek_now(&checks[..m]) else {
+                return Planned::ToDecide(plan);
+            };
+            if let Some(next) = self.check(&plan, answer, &at) {
+                return Planned::Decided(next);
+            }
+        }
+        let (limits, n, _) = plan.limits();
+        let answer = match plan.lease() {
+            Some(lease) => self.store.decide_leased_now(&limits[..n], &lease),
+            None => self.store.decide_now(&limits[..n]).map(|answer| {
+                answer.map(|verdict| Leased {
+                    verdict,
+                    lease: None,
+                })
+            }),
+        };
+        match answer {
             Some(answer) => Planned::Decided(self.finish(plan, answer)),
             None => Planned::ToDecide(plan),
         }
@@ -130,48 +187,132 @@ impl Shared {
     /// Decides a plan on a store that does I/O, under the breaker, the timeout and the failure
     /// policy.
     pub(crate) async fn decide(self: Arc<Self>, plan: Plan) -> Next {
-        let (limits, n) = plan.limits();
-        let answer = self.store.decide(&limits[..n]).await;
+        if plan.charges_failures() {
+            let (checks, m, at) = plan.deferred();
+            let answer = self.store.peek(&checks[..m]).await;
+            if let Some(next) = self.check(&plan, answer, &at) {
+                return next;
+            }
+        }
+        let (limits, n, _) = plan.limits();
+        let answer = match plan.lease() {
+            Some(lease) => self.store.decide_leased(&limits[..n], &lease).await,
+            None => self.store.decide(&limits[..n]).await.map(|verdict| Leased {
+                verdict,
+                lease: None,
+            }),
+        };
         self.finish(plan, answer)
     }
 
-    /// Turns the store's (or the failure policy's) answer into what to do with the request.
-    fn finish(&self, owned: Plan, answer: Guarded<Verdict>) -> Next {
-        let plan = &owned;
-        // `from_store`: the verdict is the store's own, not the local fallback's.
+    /// The check of a route that charges only failures: `Some` answer when its limits have
+    /// nothing left for the request, `None` to go on and decide. A store failure goes on (the
+    /// decision then meets the failure policy).
+    fn check(
+        self: &Arc<Self>,
+        plan: &Plan,
+        answer: Guarded<Verdict>,
+        at: &Indices,
+    ) -> Option<Next> {
         let (verdict, from_store) = match answer {
             Guarded::Store(verdict) => (verdict, true),
             Guarded::Local(verdict) => (verdict, false),
+            Guarded::Open | Guarded::Closed => return None,
+        };
+        if verdict.is_allowed() {
+            return None;
+        }
+        let (binding, decision) = verdict.binding()?;
+        let binding = at.get(binding);
+        if plan.policy.is_shadow() {
+            count(plan, outcome::SHADOW_LIMITED);
+            return None;
+        }
+        Some(self.refuse(plan, &verdict, at, binding, *decision, from_store))
+    }
+
+    /// Turns the store's (or the failure policy's) answer into what to do with the request.
+    fn finish(self: &Arc<Self>, mut owned: Plan, answer: Guarded<Leased>) -> Next {
+        // `from_store`: the verdict is the store's own, not the local fallback's.
+        let (leased, from_store) = match answer {
+            Guarded::Store(leased) => (leased, true),
+            Guarded::Local(leased) => (leased, false),
             Guarded::Open => {
-                Self::store_failed(plan);
-                return self.fail_open(plan);
+                Self::store_failed(&owned);
+                return self.fail_open(&owned);
             }
             Guarded::Closed => {
-                Self::store_failed(plan);
+                Self::store_failed(&owned);
                 return Next::Respond(response::unavailable(self.store.retry_after_unavailable()));
             }
         };
-        let Some((binding, decision)) = verdict.binding() else {
+        let lease = leased.lease.and_then(|id| {
+            owned.take_lease_key().map(|key| LeaseGuard {
+                shared: Arc::clone(self),
+                key,
+                id,
+                local: !from_store,
+            })
+        });
+        let plan = &owned;
+        let verdict = leased.verdict;
+        let (_, rates, at) = plan.limits();
+        // The headers report a rate limit: a lease's decision (after the limits') binds only
+        // when it denies.
+        let binding = if verdict.is_allowed() {
+            let decisions = verdict.decisions();
+            decisions[..rates.clamp(1, decisions.len().max(1)).min(decisions.len())]
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, d)| d.remaining)
+        } else {
+            verdict.binding()
+        };
+        let Some((binding, decision)) = binding else {
             return Next::pass();
         };
         let decision = *decision;
+        let binding = at.get(binding);
         if verdict.is_allowed() {
             count(plan, outcome::ALLOWED);
             tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::ALLOWED, "rate limit");
-            return self.forward(owned, binding, decision, verdict.delay(), false);
+            return self.forward(owned, binding, decision, verdict.delay(), false, lease);
         }
         if plan.policy.is_shadow() {
             count(plan, outcome::SHADOW_LIMITED);
             tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::SHADOW_LIMITED, "rate limit");
-            return self.forward(owned, binding, decision, Duration::ZERO, true);
+            return self.forward(owned, binding, decision, Duration::ZERO, true, None);
         }
+        self.refuse(plan, &verdict, &at, binding, decision, from_store)
+    }
+
+    /// A denial by the store (or the fallback): 403 for a cost no limit can hold, else 429,
+    /// remembered in the denied-until cache when exact.
+    fn refuse(
+        &self,
+        plan: &Plan,
+        verdict: &Verdict,
+        at: &Indices,
+        binding: usize,
+        decision: Decision,
+        from_store: bool,
+    ) -> Next {
         if verdict.outcome() == Outcome::InsufficientCapacity {
-            return Self::never(plan, &verdict);
+            return Self::never(plan, verdict, at);
         }
+        let violated: Vec<usize> = (0..verdict.decisions().len())
+            .filter(|&i| !verdict.decisions()[i].is_allowed())
+            .map(|i| at.get(i))
+            .collect();
         // Only the store's denials are remembered: the cache is exact for the store that decided,
         // and a denial of the local fallback must not outlive the outage (once the circuit
-        // closes, the store decides again).
-        if from_store && let Some(cache) = &self.denied {
+        // closes, the store decides again). A full concurrency cap frees whenever a request
+        // ends, so it is never remembered.
+        let leases = violated.iter().any(|&i| plan.is_concurrency(i));
+        if from_store
+            && !leases
+            && let Some(cache) = &self.denied
+        {
             cache.insert(
                 &plan.cache_key(),
                 Instant::now(),
@@ -185,9 +326,6 @@ impl Shared {
             retry_after: verdict.retry_after(),
             ..decision
         };
-        let violated: Vec<usize> = (0..verdict.decisions().len())
-            .filter(|&i| !verdict.decisions()[i].is_allowed())
-            .collect();
         self.deny(plan, binding, &violated, decision, false)
     }
 
@@ -207,7 +345,7 @@ impl Shared {
                 policy: Arc::clone(plan.tier_name()),
                 decision: Decision {
                     outcome: Outcome::Allowed,
-                    limit: plan.tier().limit.quota.limit(),
+                    limit: plan.tier_limit().quota.limit(),
                     remaining: 0,
                     reset_after: Duration::ZERO,
                     retry_after: Duration::ZERO,
@@ -215,11 +353,12 @@ impl Shared {
                 },
                 store_error: true,
             }),
+            extra: None,
         }
     }
 
     /// A request costing more than one of its limits can ever hold: a 403 saying why.
-    fn never(plan: &Plan, verdict: &Verdict) -> Next {
+    fn never(plan: &Plan, verdict: &Verdict, at: &Indices) -> Next {
         count(plan, outcome::LIMITED);
         tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::LIMITED, "rate limit: cost above capacity");
         let (i, d) = verdict
@@ -228,20 +367,18 @@ impl Shared {
             .enumerate()
             .find(|(_, d)| d.outcome == Outcome::InsufficientCapacity)
             .unwrap_or((0, &verdict.decisions()[0]));
-        Next::Respond(response::too_costly(
-            plan.cost_of(i),
-            &plan.limit(i).name,
-            d.limit,
-        ))
+        let i = at.get(i);
+        Next::Respond(response::too_costly(plan.cost_of(i), plan.name(i), d.limit))
     }
 
     fn forward(
-        &self,
+        self: &Arc<Self>,
         plan: Plan,
         binding: usize,
         decision: Decision,
         delay: Duration,
         shadow: bool,
+        lease: Option<LeaseGuard>,
     ) -> Next {
         let extension = self.decision_extension.then(|| RateLimitDecision {
             tier: Arc::clone(plan.tier_name()),
@@ -250,18 +387,45 @@ impl Shared {
             store_error: false,
         });
         let mode = plan.policy.header_mode();
+        let slot = plan.slot(binding);
+        let effective = match slot {
+            Slot::Tier(_) => plan.effective().cloned(),
+            _ => None,
+        };
+        let in_flight = self.adaptive.as_ref().map(|a| a.controller.start());
+        // The policy goes to the headers; a route charging failures keeps the plan for the
+        // charge.
+        let (policy, charge) = if plan.charges_failures() {
+            let policy = Arc::clone(&plan.policy);
+            let charge = DeferredCharge {
+                shared: Arc::clone(self),
+                plan,
+            };
+            (policy, Some(charge))
+        } else {
+            (plan.policy, None)
+        };
         // Without headers to write (or a shadow Retry-After to remove), nothing to do afterwards.
         let after = (mode != HeaderMode::None || shadow).then(|| After {
             mode,
-            slot: plan.slot(binding),
-            policy: plan.policy,
+            slot,
+            policy,
+            effective,
             decision,
             shadow,
+        });
+        let extra = (lease.is_some() || charge.is_some() || in_flight.is_some()).then(|| {
+            Box::new(Extra {
+                lease,
+                charge,
+                in_flight,
+            })
         });
         Next::Forward {
             after,
             delay,
             extension,
+            extra,
         }
     }
 
@@ -275,8 +439,11 @@ impl Shared {
     ) -> Next {
         count(plan, outcome::LIMITED);
         breach(plan);
-        tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::LIMITED, cached, "rate limit");
-        let names: Vec<&str> = violated.iter().map(|&i| &*plan.limit(i).name).collect();
+        let names: Vec<&str> = violated.iter().map(|&i| plan.name(i)).collect();
+        tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::LIMITED, cached, policy = plan.name(binding), "rate limit");
+        if plan.is_concurrency(binding) {
+            return Next::Respond(response::too_many_in_flight(&names, decision.retry_after));
+        }
         Next::Respond(response::too_many_requests(
             &names,
             plan.limit(binding),

@@ -8,8 +8,10 @@ use bytes::Bytes;
 use http::{Response, header};
 use tollgate_core::Decision;
 
+use super::adaptive::InFlight;
+use super::decide::Shared;
 use super::plan::{Plan, Slot};
-use super::policy::Policy;
+use super::policy::{LimitInfo, Policy};
 use crate::http::headers::HeaderMode;
 
 /// The decision a handler can read from the request's extensions.
@@ -42,6 +44,9 @@ pub(crate) enum Next {
         after: Option<After>,
         delay: Duration,
         extension: Option<RateLimitDecision>,
+        /// What only some requests carry (a lease, a charge on failure, the adaptive
+        /// controller's count), boxed so the common request moves less.
+        extra: Option<Box<Extra>>,
     },
     /// Answer without calling it.
     Respond(Response<Bytes>),
@@ -54,8 +59,61 @@ impl Next {
             after: None,
             delay: Duration::ZERO,
             extension: None,
+            extra: None,
         }
     }
+}
+
+/// What a forwarded request carries besides its headers, when it has any of it.
+pub(crate) struct Extra {
+    /// The caller's concurrency lease: given back when the response body ends or is dropped.
+    pub(crate) lease: Option<LeaseGuard>,
+    /// The route's limits to charge if the response fails.
+    pub(crate) charge: Option<DeferredCharge>,
+    /// The request in flight, for the adaptive controller: its drop records the latency.
+    pub(crate) in_flight: Option<InFlight>,
+}
+
+/// A concurrency lease held by a request; dropping it gives the lease back: at once on a store
+/// without I/O or in the local fallback, else in a task (a lease that cannot be given back
+/// expires with its lease time).
+pub(crate) struct LeaseGuard {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: String,
+    pub(crate) id: tollgate_core::LeaseId,
+    /// Taken in the local fallback, not the store.
+    pub(crate) local: bool,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if self
+            .shared
+            .store
+            .release_now(&self.key, self.id, self.local)
+        {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let key = std::mem::take(&mut self.key);
+        let id = self.id;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { shared.store.release(&key, id, false).await });
+            }
+            Err(_) => tracing::warn!(
+                "a concurrency lease was dropped outside a tokio runtime and cannot be given \
+                 back; it frees itself after its lease time"
+            ),
+        }
+    }
+}
+
+/// The limits of a route that charges only failures, to charge once the response status is
+/// known.
+pub(crate) struct DeferredCharge {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) plan: Plan,
 }
 
 /// The headers to add to the response of a forwarded request.
@@ -65,13 +123,19 @@ pub(crate) struct After {
     /// The policy of the request, and which of its limits the headers report.
     pub(crate) policy: Arc<Policy>,
     pub(crate) slot: Slot,
+    /// The tier's limit as the adaptive controller lowered it, when the tier binds.
+    pub(crate) effective: Option<Arc<LimitInfo>>,
     pub(crate) decision: Decision,
     pub(crate) shadow: bool,
 }
 
 impl After {
     pub(crate) fn apply(&self, headers: &mut http::HeaderMap) {
-        if let Some(limit) = self.slot.limit(&self.policy) {
+        let limit = self
+            .effective
+            .as_ref()
+            .or_else(|| self.slot.limit(&self.policy));
+        if let Some(limit) = limit {
             limit.headers.insert(headers, self.mode, &self.decision);
         }
         if self.shadow {

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::decide::Shared;
-use super::decision::{After, Next, Planned};
+use super::decision::{After, Extra, Next, Planned};
 use super::identity::{Identity, Rejection};
 use super::plan::Plan;
 use super::policy::Policy;
@@ -61,11 +61,13 @@ pin_project! {
             sleep: Pin<Box<tokio::time::Sleep>>,
             pending: Option<Pending<S, B>>,
             after: Option<After>,
+            extra: Option<Box<Extra>>,
         },
         Call {
             #[pin]
             call: F,
             after: Option<After>,
+            extra: Option<Box<Extra>>,
         },
         Respond {
             response: Option<Response<Bytes>>,
@@ -98,14 +100,18 @@ impl<F, S, B, KF> ResponseFuture<F, S, B, KF> {
 
     pub(crate) fn call(call: F) -> Self {
         ResponseFuture {
-            state: State::Call { call, after: None },
+            state: State::Call {
+                call,
+                after: None,
+                extra: None,
+            },
         }
     }
 
     /// The inner service was called already; `after` adds the headers to its response.
-    pub(crate) fn forwarded(call: F, after: Option<After>) -> Self {
+    pub(crate) fn forwarded(call: F, after: Option<After>, extra: Option<Box<Extra>>) -> Self {
         ResponseFuture {
-            state: State::Call { call, after },
+            state: State::Call { call, after, extra },
         }
     }
 
@@ -187,21 +193,27 @@ where
                     sleep,
                     pending,
                     after,
+                    extra,
                 } => {
                     ready!(sleep.as_mut().poll(cx));
                     let mut p = pending.take().expect(POLLED_AFTER_COMPLETION);
                     State::Call {
                         call: p.inner.call(p.request),
                         after: after.take(),
+                        extra: extra.take(),
                     }
                 }
-                StateProj::Call { call, after } => {
+                StateProj::Call { call, after, extra } => {
                     let response = ready!(call.poll(cx))?;
                     let (mut parts, body) = response.into_parts();
                     if let Some(after) = after.take() {
                         after.apply(&mut parts.headers);
                     }
-                    return Poll::Ready(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
+                    let body = match extra.take() {
+                        None => ResponseBody::inner(body),
+                        Some(extra) => finish(*extra, parts.status, body),
+                    };
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
                 StateProj::Respond { response } => {
                     let response = response.take().expect(POLLED_AFTER_COMPLETION);
@@ -226,6 +238,7 @@ where
                 after,
                 delay,
                 extension,
+                extra,
             } => {
                 if let Some(extension) = extension {
                     p.request.extensions_mut().insert(extension);
@@ -234,17 +247,47 @@ where
                     State::Call {
                         call: p.inner.call(p.request),
                         after,
+                        extra,
                     }
                 } else {
                     State::Delay {
                         sleep: Box::pin(tokio::time::sleep(delay)),
                         pending: Some(p),
                         after,
+                        extra,
                     }
                 }
             }
         }
     }
+}
+
+/// The end of a request that carried extras: the adaptive controller learns its latency, a
+/// failure is charged to a route that charges failures (finished before the body's first frame),
+/// and the body holds the lease until it ends.
+fn finish<ResBody>(extra: Extra, status: http::StatusCode, body: ResBody) -> ResponseBody<ResBody> {
+    let Extra {
+        lease,
+        charge,
+        in_flight,
+    } = extra;
+    drop(in_flight);
+    let before = charge
+        .filter(|_| status.as_u16() >= 400)
+        .and_then(|charge| {
+            if charge.shared.charge_now(&charge.plan) {
+                None
+            } else {
+                let future: Pin<Box<dyn Future<Output = ()> + Send>> =
+                    Box::pin(charge.shared.charge(charge.plan));
+                Some(future)
+            }
+        });
+    if lease.is_none() && before.is_none() {
+        return ResponseBody::inner(body);
+    }
+    let keep = lease.map(|lease| -> Box<dyn Send + Sync> { Box::new(lease) });
+    ResponseBody::holding(body, keep, before)
 }
 
 #[cfg(test)]

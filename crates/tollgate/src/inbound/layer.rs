@@ -12,6 +12,7 @@ use super::error::BuildError;
 use super::identity::{ApiKeys, ClientIp, Global, HeaderValueKey};
 use super::policy::{Policy, PolicyHandle};
 use super::service::RateLimit;
+use super::shedding::Shedding;
 use crate::limiter::BreakerConfig;
 use crate::limiter::guarded::{Guard, GuardedStore};
 use crate::limiter::{DEFAULT_STORE_TIMEOUT, OnStoreError};
@@ -161,6 +162,7 @@ impl<K> RateLimitLayerBuilder<K> {
         let store: Arc<dyn DynStore> = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
+                adaptive: Shedding::new(&self.policy),
                 policy: PolicyHandle::new(self.policy),
                 store: GuardedStore::new(
                     store,

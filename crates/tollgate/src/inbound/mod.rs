@@ -61,6 +61,7 @@
 //! crate root's aliases [`InboundRateLimitLayer`](crate::InboundRateLimitLayer) and
 //! [`OutboundRateLimitLayer`](crate::OutboundRateLimitLayer).
 
+pub mod adaptive;
 mod decide;
 mod decision;
 mod denied;
@@ -72,6 +73,7 @@ mod plan;
 mod policy;
 mod response;
 mod service;
+mod shedding;
 
 pub use crate::limiter::{DEFAULT_STORE_TIMEOUT, MAX_STORE_TIMEOUT, OnStoreError};
 pub use decision::RateLimitDecision;
@@ -82,5 +84,8 @@ pub use identity::{
     Rejection, peer_ip,
 };
 pub use layer::{DEFAULT_DENIED_CACHE, RateLimitLayer, RateLimitLayerBuilder};
-pub use policy::{PathPattern, Policy, PolicyBuilder, PolicyError, PolicyHandle, Route};
+pub use policy::{
+    Charge, DEFAULT_LEASE_TIME, PathPattern, Policy, PolicyBuilder, PolicyError, PolicyHandle,
+    Route,
+};
 pub use service::RateLimit;

@@ -4,11 +4,13 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Method;
 use tollgate_core::Quota;
 
+use super::adaptive::AdaptiveConfig;
 use crate::http::headers::{HeaderMode, PolicyHeaders};
 use crate::metrics::TierMetrics;
 
@@ -56,13 +58,34 @@ impl fmt::Display for PathPattern {
     }
 }
 
-/// A per-route rule: the cost of a request to it, and an optional extra limit.
+/// When a route's own limits are charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Charge {
+    /// On every request that passes (the default).
+    #[default]
+    Always,
+    /// Only when the response status is 400 or more (brute-force protection: only failed logins
+    /// count). The route's limits are still checked before the request: a caller with nothing
+    /// left is denied. The tier and whole-service limits are charged as for any request.
+    ///
+    /// The check and the charge are two store calls, so requests in flight at once can pass the
+    /// check together: at most the limit plus the number of such requests in flight fail before
+    /// the limit denies (a tier's [`concurrency`](PolicyBuilder::concurrency) bounds that).
+    Failures,
+}
+
+/// A per-route rule: the cost of a request to it, and optional extra limits: one per caller
+/// (the same for every tier, or one per tier) and one shared by every caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     method: Option<Method>,
     path: PathPattern,
     cost: u32,
     limit: Option<Quota>,
+    by_tier: Vec<(Arc<str>, Quota)>,
+    shared: Option<Quota>,
+    charge: Charge,
     name: Arc<str>,
 }
 
@@ -76,6 +99,9 @@ impl Route {
             path,
             cost: 1,
             limit: None,
+            by_tier: Vec::new(),
+            shared: None,
+            charge: Charge::Always,
         }
     }
 
@@ -99,6 +125,30 @@ impl Route {
         self
     }
 
+    /// The per-caller route limit for callers of `tier`, instead of [`limit`](Route::limit) (which
+    /// still applies to the tiers not named).
+    pub fn tier_limit(mut self, tier: &str, quota: Quota) -> Route {
+        match self.by_tier.iter_mut().find(|(name, _)| **name == *tier) {
+            Some(entry) => entry.1 = quota,
+            None => self.by_tier.push((tier.into(), quota)),
+        }
+        self
+    }
+
+    /// One limit for the route across all callers (seed 004's per-endpoint limit), decided with
+    /// the caller's own limits, all or nothing. On Redis Cluster it lives in its own slot, like
+    /// the whole-service limit.
+    pub fn shared_limit(mut self, quota: Quota) -> Route {
+        self.shared = Some(quota);
+        self
+    }
+
+    /// When the route's own limits are charged (see [`Charge`]).
+    pub fn charge(mut self, charge: Charge) -> Route {
+        self.charge = charge;
+        self
+    }
+
     /// The policy name reported in headers and metrics, such as `route:/api/search`.
     pub fn name(&self) -> &str {
         &self.name
@@ -112,6 +162,16 @@ impl Route {
     /// The route's own limit, if any.
     pub fn quota(&self) -> Option<&Quota> {
         self.limit.as_ref()
+    }
+
+    /// The route's limit shared by all callers, if any.
+    pub fn shared_quota(&self) -> Option<&Quota> {
+        self.shared.as_ref()
+    }
+
+    /// When the route's own limits are charged.
+    pub fn charges(&self) -> Charge {
+        self.charge
     }
 
     fn matches(&self, method: &Method, path: &str) -> bool {
@@ -136,6 +196,21 @@ pub enum PolicyError {
         /// The limit it exceeds.
         limit: u32,
     },
+    /// A tier named by a route's per-tier limits, the concurrency caps or the adaptive priority
+    /// that the policy does not define.
+    #[error("{place} names tier `{tier}`, which the policy does not define")]
+    UnknownTier {
+        /// Where it is named.
+        place: String,
+        /// The tier.
+        tier: String,
+    },
+    /// Adaptive limits set up wrong.
+    #[error("adaptive: {0}")]
+    Adaptive(String),
+    /// A concurrency cap of 0, or a lease time of 0.
+    #[error("tier `{0}`: a concurrency cap and its lease time must be more than 0")]
+    ZeroConcurrency(String),
 }
 
 /// Everything the inbound layer enforces, immutable once built; swap a whole new one in with
@@ -165,13 +240,14 @@ pub struct Policy {
     /// The tiers, in the order given; found by name with a scan (see [`Policy::tier_index`]).
     tiers: Vec<Tier>,
     routes: Vec<Route>,
-    /// The own limit of each route (same index as `routes`), if it has one.
-    route_limits: Vec<Option<Arc<LimitInfo>>>,
+    /// The own limits of each route (same index as `routes`).
+    route_limits: Vec<RouteLimits>,
     global: Option<Arc<LimitInfo>>,
     headers: HeaderMode,
     shadow: bool,
     exempt_paths: Vec<PathPattern>,
     exempt_keys: HashSet<String>,
+    adaptive: Option<Arc<AdaptivePolicy>>,
     /// Unique per built policy (clones share it): what state derived from a policy, such as the
     /// denied-until cache, checks to follow a reload.
     id: u64,
@@ -183,9 +259,53 @@ static NEXT_POLICY_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 #[derive(Debug, Clone)]
 pub(crate) struct Tier {
     pub(crate) limit: Arc<LimitInfo>,
+    /// The cap on the caller's requests in flight, if the tier has one.
+    pub(crate) concurrency: Option<Arc<Concurrency>>,
     /// Registered on the tier's first request (a recorder installed after the policy was built
     /// still gets them).
     metrics: OnceLock<TierMetrics>,
+}
+
+/// A tier's cap on the requests of one caller in flight at once.
+#[derive(Debug)]
+pub(crate) struct Concurrency {
+    /// `concurrency:<tier>`: the policy named in bodies and logs.
+    pub(crate) name: Arc<str>,
+    pub(crate) max: u32,
+    /// How long a lease lives if it is never given back (a server that died holding it).
+    pub(crate) lease: Duration,
+}
+
+/// The default lease time of a concurrency cap: a request running longer stops counting.
+pub const DEFAULT_LEASE_TIME: Duration = Duration::from_secs(60);
+
+/// The adaptive limits of a policy: the controller's settings and the tiers it may lower.
+#[derive(Debug)]
+pub(crate) struct AdaptivePolicy {
+    pub(crate) config: AdaptiveConfig,
+    /// The tiers it may lower, lowest priority (lowered first) first.
+    pub(crate) priority: Vec<Arc<str>>,
+}
+
+/// The own limits of one route.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RouteLimits {
+    /// The per-caller limit for tiers without one of their own.
+    own: Option<Arc<LimitInfo>>,
+    /// The per-caller limit by tier index (empty when the route has none per tier).
+    by_tier: Vec<Option<Arc<LimitInfo>>>,
+    /// The limit shared by every caller, with its bucket key.
+    pub(crate) shared: Option<(Arc<LimitInfo>, Box<str>)>,
+}
+
+impl RouteLimits {
+    /// The per-caller limit for the tier at `tier`.
+    pub(crate) fn per_caller(&self, tier: usize) -> Option<&Arc<LimitInfo>> {
+        match self.by_tier.get(tier) {
+            Some(Some(limit)) => Some(limit),
+            _ => self.own.as_ref(),
+        }
+    }
 }
 
 impl Tier {
@@ -207,7 +327,7 @@ pub(crate) struct LimitInfo {
 }
 
 impl LimitInfo {
-    fn new(name: Arc<str>, quota: Quota) -> Arc<LimitInfo> {
+    pub(crate) fn new(name: Arc<str>, quota: Quota) -> Arc<LimitInfo> {
         Arc::new(LimitInfo {
             headers: PolicyHeaders::new(&name, &quota),
             name,
@@ -220,18 +340,39 @@ impl LimitInfo {
 #[derive(Debug, Clone, Default)]
 pub struct PolicyBuilder {
     tiers: Vec<(Arc<str>, Quota)>,
+    concurrency: Vec<(String, u32, Duration)>,
     routes: Vec<Route>,
     global: Option<Quota>,
     headers: HeaderMode,
     shadow: bool,
     exempt_paths: Vec<PathPattern>,
     exempt_keys: HashSet<String>,
+    adaptive: Option<(AdaptiveConfig, Vec<String>)>,
 }
 
 impl PolicyBuilder {
+    /// Adaptive limits: under load (see [`AdaptiveConfig`]) the tiers in `priority` have their
+    /// rates lowered, the first named first, and restored as the load falls, never above their
+    /// quotas. Tiers not named are never lowered.
+    pub fn adaptive(mut self, config: AdaptiveConfig, priority: &[&str]) -> Self {
+        self.adaptive = Some((config, priority.iter().map(|s| (*s).to_owned()).collect()));
+        self
+    }
+
     /// Adds a tier: callers resolved to `name` are limited by `quota`.
     pub fn tier(mut self, name: &str, quota: Quota) -> Self {
         self.tiers.push((name.into(), quota));
+        self
+    }
+
+    /// Caps the requests of one caller of `tier` in flight at once, fleet-wide on a shared
+    /// store: at most `max`; one more is answered 429 with `Retry-After: 1`. A request holds a
+    /// lease from the decision until its response body ends (or is dropped); a lease never given
+    /// back (its server died) expires after `lease` ([`DEFAULT_LEASE_TIME`] is a good start). A
+    /// request running longer than `lease` stops counting: the lease time bounds how long a
+    /// request is counted, so set it above the slowest response you serve.
+    pub fn concurrency(mut self, tier: &str, max: u32, lease: Duration) -> Self {
+        self.concurrency.push((tier.to_owned(), max, lease));
         self
     }
 
@@ -280,29 +421,93 @@ impl PolicyBuilder {
             }
             tiers.push(Tier {
                 limit: LimitInfo::new(name, quota),
+                concurrency: None,
                 metrics: OnceLock::new(),
             });
         }
-        for route in &self.routes {
-            if let Some(limit) = &route.limit
-                && route.cost > limit.limit()
-            {
-                return Err(PolicyError::CostTooHigh {
-                    route: route.name.to_string(),
-                    cost: route.cost,
-                    limit: limit.limit(),
+        for (tier, max, lease) in self.concurrency {
+            let Some(at) = tiers.iter().position(|t| *t.limit.name == *tier) else {
+                return Err(PolicyError::UnknownTier {
+                    place: "a concurrency cap".into(),
+                    tier,
                 });
+            };
+            if max == 0 || lease.is_zero() {
+                return Err(PolicyError::ZeroConcurrency(tier));
             }
+            tiers[at].concurrency = Some(Arc::new(Concurrency {
+                name: format!("concurrency:{tier}").into(),
+                max,
+                lease,
+            }));
         }
-        let route_limits = self
-            .routes
-            .iter()
-            .map(|r| {
-                r.limit
-                    .map(|quota| LimitInfo::new(Arc::clone(&r.name), quota))
-            })
-            .collect();
+        let mut route_limits = Vec::with_capacity(self.routes.len());
+        for route in &self.routes {
+            let quotas = route
+                .limit
+                .iter()
+                .chain(route.shared.iter())
+                .chain(route.by_tier.iter().map(|(_, q)| q));
+            for quota in quotas {
+                if route.cost > quota.limit() {
+                    return Err(PolicyError::CostTooHigh {
+                        route: route.name.to_string(),
+                        cost: route.cost,
+                        limit: quota.limit(),
+                    });
+                }
+            }
+            let mut limits = RouteLimits {
+                own: route
+                    .limit
+                    .map(|quota| LimitInfo::new(Arc::clone(&route.name), quota)),
+                by_tier: Vec::new(),
+                shared: route.shared.map(|quota| {
+                    let name: Arc<str> = format!("shared:{}", &route.name["route:".len()..]).into();
+                    let key = format!("s:{name}").into_boxed_str();
+                    (LimitInfo::new(name, quota), key)
+                }),
+            };
+            if !route.by_tier.is_empty() {
+                limits.by_tier = vec![None; tiers.len()];
+                for (tier, quota) in &route.by_tier {
+                    let Some(at) = tiers.iter().position(|t| t.limit.name == *tier) else {
+                        return Err(PolicyError::UnknownTier {
+                            place: format!("the per-tier limits of `{}`", route.name),
+                            tier: tier.to_string(),
+                        });
+                    };
+                    limits.by_tier[at] = Some(LimitInfo::new(Arc::clone(&route.name), *quota));
+                }
+            }
+            route_limits.push(limits);
+        }
+        let adaptive = match self.adaptive {
+            None => None,
+            Some((config, names)) => {
+                config
+                    .validate()
+                    .map_err(|e| PolicyError::Adaptive(e.to_string()))?;
+                let mut priority: Vec<Arc<str>> = Vec::with_capacity(names.len());
+                for name in names {
+                    let Some(at) = tiers.iter().position(|t| *t.limit.name == *name) else {
+                        return Err(PolicyError::UnknownTier {
+                            place: "the adaptive priority".into(),
+                            tier: name,
+                        });
+                    };
+                    if priority.contains(&tiers[at].limit.name) {
+                        return Err(PolicyError::Adaptive(format!(
+                            "tier `{name}` is named twice in the priority"
+                        )));
+                    }
+                    priority.push(Arc::clone(&tiers[at].limit.name));
+                }
+                Some(Arc::new(AdaptivePolicy { config, priority }))
+            }
+        };
         Ok(Policy {
+            adaptive,
             tiers,
             routes: self.routes,
             route_limits,
@@ -359,9 +564,9 @@ impl Policy {
         &self.routes[index]
     }
 
-    /// The own limit of the route at `index`, if it has one.
-    pub(crate) fn route_limit(&self, index: usize) -> Option<&Arc<LimitInfo>> {
-        self.route_limits[index].as_ref()
+    /// The own limits of the route at `index`.
+    pub(crate) fn route_limits(&self, index: usize) -> &RouteLimits {
+        &self.route_limits[index]
     }
 
     /// The whole-service limit.
@@ -392,6 +597,11 @@ impl Policy {
     /// Whether the identity key is exempt.
     pub fn is_exempt_key(&self, key: &str) -> bool {
         self.exempt_keys.contains(key)
+    }
+
+    /// The adaptive limits, if the policy has them.
+    pub(crate) fn adaptive(&self) -> Option<&Arc<AdaptivePolicy>> {
+        self.adaptive.as_ref()
     }
 
     /// Unique per built policy: a reload installs another id.

@@ -39,6 +39,20 @@ pub(crate) fn too_many_requests(
     response
 }
 
+/// 429 for a full concurrency cap: `Retry-After` (a second: nobody can know when a request in
+/// flight ends) and a problem body naming the policies, without rate-limit headers (the cap is
+/// not a rate).
+pub(crate) fn too_many_in_flight(violated: &[&str], retry: Duration) -> Response<Bytes> {
+    let mut response = problem_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        problem::problem_json(violated, retry),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, headers::retry_after_header(retry));
+    response
+}
+
 /// 403: a request costing more than one of its limits can ever hold. Waiting never helps, so it
 /// is not a 429 (whose `Retry-After` promises a pass).
 pub(crate) fn too_costly(cost: u32, limit: &str, capacity: u32) -> Response<Bytes> {

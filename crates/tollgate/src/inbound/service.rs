@@ -101,11 +101,12 @@ where
                     after,
                     delay,
                     extension,
+                    extra,
                 }) if delay.is_zero() => {
                     if let Some(extension) = extension {
                         request.extensions_mut().insert(extension);
                     }
-                    ResponseFuture::forwarded(self.inner.call(request), after)
+                    ResponseFuture::forwarded(self.inner.call(request), after, extra)
                 }
                 Planned::Decided(Next::Respond(response)) => ResponseFuture::respond(response),
                 // A delay (shaping) or a store that does I/O: the future calls the inner service

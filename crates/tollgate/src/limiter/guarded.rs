@@ -9,7 +9,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tollgate_core::{
-    DynStore, Limit, MemoryStore, Quota, Reservation, Reserve, StoreError, Verdict,
+    DynStore, Lease, LeaseId, Leased, Limit, MemoryStore, Quota, Reservation, Reserve, Store,
+    StoreError, Verdict,
 };
 
 use super::breaker::{Admission, BreakerConfig, CircuitBreaker};
@@ -75,6 +76,18 @@ pub(crate) enum Guarded<T> {
     Open,
     /// The store is unavailable and the policy refuses the request.
     Closed,
+}
+
+impl<T> Guarded<T> {
+    /// The same answer with its value mapped.
+    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> Guarded<U> {
+        match self {
+            Guarded::Store(t) => Guarded::Store(f(t)),
+            Guarded::Local(t) => Guarded::Local(f(t)),
+            Guarded::Open => Guarded::Open,
+            Guarded::Closed => Guarded::Closed,
+        }
+    }
 }
 
 /// A store behind its timeout, circuit breaker and failure policy.
@@ -151,6 +164,84 @@ impl GuardedStore {
                 self.unavailable(|fallback| fallback.decide_now(limits))
             }
         })
+    }
+
+    /// Peeks at once when the store needs no I/O (`MemoryStore`); `None` otherwise.
+    pub(crate) fn peek_now(&self, limits: &[Limit<'_>]) -> Option<Guarded<Verdict>> {
+        let result = self.store.peek_now_dyn(limits)?;
+        Some(match result {
+            Ok(verdict) => Guarded::Store(verdict),
+            Err(error) => {
+                self.failed(&error, Admission::Store);
+                self.unavailable(|fallback| fallback.peek_now(limits))
+            }
+        })
+    }
+
+    /// Decides `limits` and takes a lease of `lease`, at once, when the store needs no I/O;
+    /// `None` otherwise.
+    pub(crate) fn decide_leased_now(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Guarded<Leased>> {
+        let started = Instant::now();
+        let result = self.store.decide_leased_now_dyn(limits, lease)?;
+        self.latency().record(started.elapsed().as_secs_f64());
+        Some(match result {
+            Ok(leased) => Guarded::Store(leased),
+            Err(error) => {
+                self.failed(&error, Admission::Store);
+                self.unavailable(|fallback| local_leased(fallback, limits, lease))
+            }
+        })
+    }
+
+    /// Decides `limits` and takes a lease of `lease` in one atomic step, guarded like
+    /// [`decide`](Self::decide). A lease taken in the fallback ([`Guarded::Local`]) is given back
+    /// to the fallback ([`release`](Self::release) with `local`).
+    pub(crate) async fn decide_leased(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Guarded<Leased> {
+        self.call(self.store.decide_leased_boxed(limits, lease), |fallback| {
+            local_leased(fallback, limits, lease)
+        })
+        .await
+    }
+
+    /// Gives a lease back without waiting, if it can: taken in the fallback (`local`), or in a
+    /// store that needs no I/O. `false` when it needs [`release`](Self::release).
+    pub(crate) fn release_now(&self, key: &str, id: LeaseId, local: bool) -> bool {
+        let result = if local {
+            Store::release_now(&self.fallback, key, id)
+        } else {
+            self.store.release_now_dyn(key, id)
+        };
+        match result {
+            Some(Ok(())) => true,
+            Some(Err(error)) => {
+                self.compensation_failed("release", &error);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Gives a lease back. Best effort: a failure leaves the lease held until it expires (the
+    /// caller has one request fewer until then), and is logged and counted
+    /// (`rate_limiter_store_compensation_errors_total{op="release"}`).
+    pub(crate) async fn release(&self, key: &str, id: LeaseId, local: bool) {
+        if self.release_now(key, id, local) {
+            return;
+        }
+        let result = tokio::time::timeout(self.timeout, self.store.release_boxed(key, id))
+            .await
+            .unwrap_or_else(|_| Err(StoreError::timeout()));
+        if let Err(error) = result {
+            self.compensation_failed("release", &error);
+        }
     }
 
     /// Decides `limits`, all or nothing, under the breaker, the timeout and the failure policy.
@@ -277,5 +368,24 @@ impl GuardedStore {
         } else {
             0.0
         });
+    }
+}
+
+/// The fallback's lease decision. The in-memory store always answers at once; should it not, the
+/// request is decided without a lease, and the log says so.
+fn local_leased(fallback: &MemoryStore, limits: &[Limit<'_>], lease: &Lease<'_>) -> Leased {
+    match Store::decide_leased_now(fallback, limits, lease) {
+        Some(Ok(leased)) => leased,
+        other => {
+            let error = match other {
+                Some(Err(error)) => error.to_string(),
+                _ => "no answer".to_owned(),
+            };
+            tracing::error!(%error, "the local fallback cannot take a concurrency lease; deciding without one");
+            Leased {
+                verdict: fallback.decide_now(limits),
+                lease: None,
+            }
+        }
     }
 }
