@@ -61,6 +61,7 @@
 //! crate root's aliases [`InboundRateLimitLayer`](crate::InboundRateLimitLayer) and
 //! [`OutboundRateLimitLayer`](crate::OutboundRateLimitLayer).
 
+// Adaptive limits (AIMD): the tiers' rates lowered while the inner service is overloaded.
 pub mod adaptive;
 mod decide;
 mod decision;
