@@ -168,7 +168,7 @@ impl Shared {
                 return Planned::Decided(next);
             }
         }
-        let (limits, n, _) = plan.limits();
+        let (limits, n, at) = plan.limits();
         let answer = match plan.lease() {
             Some(lease) => self.store.decide_leased_now(&limits[..n], &lease),
             None => self.store.decide_now(&limits[..n]).map(|answer| {
@@ -179,7 +179,7 @@ impl Shared {
             }),
         };
         match answer {
-            Some(answer) => Planned::Decided(self.finish(plan, answer)),
+            Some(answer) => Planned::Decided(self.finish(plan, answer, n, &at)),
             None => Planned::ToDecide(plan),
         }
     }
@@ -194,7 +194,7 @@ impl Shared {
                 return next;
             }
         }
-        let (limits, n, _) = plan.limits();
+        let (limits, n, at) = plan.limits();
         let answer = match plan.lease() {
             Some(lease) => self.store.decide_leased(&limits[..n], &lease).await,
             None => self.store.decide(&limits[..n]).await.map(|verdict| Leased {
@@ -202,7 +202,7 @@ impl Shared {
                 lease: None,
             }),
         };
-        self.finish(plan, answer)
+        self.finish(plan, answer, n, &at)
     }
 
     /// The check of a route that charges only failures: `Some` answer when its limits have
@@ -231,8 +231,15 @@ impl Shared {
         Some(self.refuse(plan, &verdict, at, binding, *decision, from_store))
     }
 
-    /// Turns the store's (or the failure policy's) answer into what to do with the request.
-    fn finish(self: &Arc<Self>, mut owned: Plan, answer: Guarded<Leased>) -> Next {
+    /// Turns the store's (or the failure policy's) answer into what to do with the request:
+    /// `rates` rate limits were decided (then the lease, if any), at the plan's indices `at`.
+    fn finish(
+        self: &Arc<Self>,
+        mut owned: Plan,
+        answer: Guarded<Leased>,
+        rates: usize,
+        at: &Indices,
+    ) -> Next {
         // `from_store`: the verdict is the store's own, not the local fallback's.
         let (leased, from_store) = match answer {
             Guarded::Store(leased) => (leased, true),
@@ -256,7 +263,6 @@ impl Shared {
         });
         let plan = &owned;
         let verdict = leased.verdict;
-        let (_, rates, at) = plan.limits();
         // The headers report a rate limit: a lease's decision (after the limits') binds only
         // when it denies.
         let binding = if verdict.is_allowed() {
@@ -283,7 +289,7 @@ impl Shared {
             tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::SHADOW_LIMITED, "rate limit");
             return self.forward(owned, binding, decision, Duration::ZERO, true, None);
         }
-        self.refuse(plan, &verdict, &at, binding, decision, from_store)
+        self.refuse(plan, &verdict, at, binding, decision, from_store)
     }
 
     /// A denial by the store (or the fallback): 403 for a cost no limit can hold, else 429,
