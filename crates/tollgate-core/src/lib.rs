@@ -57,6 +57,7 @@
 pub mod algorithm;
 mod clock;
 mod decision;
+mod lease;
 mod memory;
 mod quota;
 mod store;
@@ -65,6 +66,7 @@ pub mod vectors;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use decision::{Decision, Outcome};
+pub use lease::{LEASE_RETRY_AFTER, Lease, LeaseId, Leased};
 pub use memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
 pub use quota::{Algorithm, MAX_LIMIT, MAX_SPAN_MICROS, Quota, QuotaError};
 pub use store::{

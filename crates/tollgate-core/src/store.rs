@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Decision, Outcome, Quota, Timestamp};
+use crate::{Decision, Lease, LeaseId, Leased, Outcome, Quota, Timestamp};
 
 /// One limit a request must pass: a key, its quota and the cost to charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,6 +363,67 @@ pub trait Store: Send + Sync + 'static {
         let _ = limits;
         None
     }
+
+    /// Decides `limits` like [`decide`](Self::decide) and, in the same atomic step, takes one
+    /// lease of `lease`: all or nothing. The lease is taken only if every limit allows and fewer
+    /// than `lease.max` unexpired leases are held; the limits are charged only if the lease is
+    /// taken. `limits` may be empty (a lease only); a `max` of 0 denies always.
+    ///
+    /// The verdict has one decision per limit, in order, then one for the lease: `limit` = `max`,
+    /// `remaining` = leases still free after this one (or as it stands when not taken), outcome
+    /// [`Outcome::Denied`] with `retry_after` = [`LEASE_RETRY_AFTER`](crate::LEASE_RETRY_AFTER)
+    /// when the lease is full, `reset_after` and `delay` 0. When the lease is full the limits are
+    /// not decided at all and report themselves as they stand (as after any denial). The answer's
+    /// `lease` is `Some` exactly when the verdict allows: give it back with
+    /// [`release`](Self::release), or it expires `lease.ttl` after it was taken, on the store's
+    /// clock.
+    ///
+    /// The default, for stores without leases, fails with an error of kind
+    /// [`StoreErrorKind::Other`].
+    fn decide_leased(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> impl Future<Output = Result<Leased, StoreError>> + Send {
+        let _ = (limits, lease);
+        std::future::ready(Err(leases_unsupported(self.kind())))
+    }
+
+    /// Gives a lease back. Idempotent: an expired or unknown id is `Ok`. The default does
+    /// nothing (a store without leases holds none).
+    fn release(
+        &self,
+        key: &str,
+        id: LeaseId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, id);
+        std::future::ready(Ok(()))
+    }
+
+    /// [`decide_leased`](Self::decide_leased) without waiting, for stores without I/O (like
+    /// [`decide_now`](Self::decide_now)). The default is `None`.
+    fn decide_leased_now(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>> {
+        let _ = (limits, lease);
+        None
+    }
+
+    /// [`release`](Self::release) without waiting, for stores without I/O. The default is `None`.
+    fn release_now(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>> {
+        let _ = (key, id);
+        None
+    }
+}
+
+/// The error of [`Store::decide_leased`] on a store that does not implement it.
+fn leases_unsupported(kind: &'static str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Other,
+        format!("the {kind} store does not support concurrency leases"),
+    )
 }
 
 /// A boxed, `Send` future, as [`DynStore`] returns.
@@ -403,6 +464,26 @@ pub trait DynStore: Send + Sync + 'static {
     fn kind_dyn(&self) -> &'static str;
     /// [`Store::decide_now`].
     fn decide_now_dyn(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>>;
+    /// [`Store::decide_leased`], boxed.
+    fn decide_leased_boxed<'a>(
+        &'a self,
+        limits: &'a [Limit<'a>],
+        lease: &'a Lease<'a>,
+    ) -> BoxFuture<'a, Result<Leased, StoreError>>;
+    /// [`Store::release`], boxed.
+    fn release_boxed<'a>(
+        &'a self,
+        key: &'a str,
+        id: LeaseId,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// [`Store::decide_leased_now`].
+    fn decide_leased_now_dyn(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>>;
+    /// [`Store::release_now`].
+    fn release_now_dyn(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>>;
 }
 
 impl<S: Store> DynStore for S {
@@ -451,6 +532,34 @@ impl<S: Store> DynStore for S {
     fn decide_now_dyn(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
         self.decide_now(limits)
     }
+
+    fn decide_leased_boxed<'a>(
+        &'a self,
+        limits: &'a [Limit<'a>],
+        lease: &'a Lease<'a>,
+    ) -> BoxFuture<'a, Result<Leased, StoreError>> {
+        Box::pin(self.decide_leased(limits, lease))
+    }
+
+    fn release_boxed<'a>(
+        &'a self,
+        key: &'a str,
+        id: LeaseId,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.release(key, id))
+    }
+
+    fn decide_leased_now_dyn(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>> {
+        self.decide_leased_now(limits, lease)
+    }
+
+    fn release_now_dyn(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>> {
+        self.release_now(key, id)
+    }
 }
 
 impl Store for Arc<dyn DynStore> {
@@ -489,5 +598,29 @@ impl Store for Arc<dyn DynStore> {
 
     fn decide_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
         self.as_ref().decide_now_dyn(limits)
+    }
+
+    async fn decide_leased(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Result<Leased, StoreError> {
+        self.as_ref().decide_leased_boxed(limits, lease).await
+    }
+
+    async fn release(&self, key: &str, id: LeaseId) -> Result<(), StoreError> {
+        self.as_ref().release_boxed(key, id).await
+    }
+
+    fn decide_leased_now(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>> {
+        self.as_ref().decide_leased_now_dyn(limits, lease)
+    }
+
+    fn release_now(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>> {
+        self.as_ref().release_now_dyn(key, id)
     }
 }
