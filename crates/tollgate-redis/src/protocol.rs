@@ -11,7 +11,7 @@ use tollgate_core::{
 };
 
 use crate::deadline::ClockOffset;
-use crate::script::{LIBRARY, Mode, SCRIPT, algorithm_code};
+use crate::script::{LEASE_CODE, LIBRARY, Mode, SCRIPT, algorithm_code};
 use crate::store::{Connection, RedisStore};
 
 /// The status of a script call that ran after its deadline and wrote nothing (`late` in
@@ -58,6 +58,19 @@ pub(crate) struct Item<'a> {
     /// `lua/tollgate.lua`); 0 otherwise.
     pub(crate) a: u64,
     pub(crate) b: u64,
+    /// For the key of a concurrency lease (whose `limit` only carries the key), what the script
+    /// needs of it instead of a quota; `None` for a limit.
+    pub(crate) lease: Option<LeaseArgs>,
+}
+
+/// A concurrency lease as the script reads it, in place of a limit's quota (`lua/tollgate.lua`,
+/// algorithm 5): the most leases held at once, the lease's ttl (µs), and the `retry_after` of
+/// a full lease (µs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseArgs {
+    pub(crate) max: u32,
+    pub(crate) ttl: u64,
+    pub(crate) retry_after: u64,
 }
 
 /// The script's answer.
@@ -308,7 +321,8 @@ impl CallArgs<'_> {
             && self.arg4 == 0
             && self.floor == 0
             && self.items.iter().enumerate().all(|(i, item)| {
-                item.limit.quota.algorithm() == tollgate_core::Algorithm::TokenBucket
+                item.lease.is_none()
+                    && item.limit.quota.algorithm() == tollgate_core::Algorithm::TokenBucket
                     && self.items[..i].iter().all(|other| other.key != item.key)
             })
     }
@@ -334,6 +348,16 @@ impl CallArgs<'_> {
         sink.push(self.floor);
         sink.push(self.deadline);
         for item in self.items {
+            if let Some(lease) = item.lease {
+                sink.push(LEASE_CODE);
+                sink.push(lease.max);
+                sink.push(lease.ttl);
+                sink.push(lease.retry_after);
+                sink.push(1);
+                sink.push(item.a);
+                sink.push(item.b);
+                continue;
+            }
             let q = item.limit.quota;
             sink.push(algorithm_code(q.algorithm()));
             sink.push(q.limit());
@@ -527,6 +551,7 @@ impl RedisStore {
                 cost: u64::from(limit.cost),
                 a: 0,
                 b: 0,
+                lease: None,
             })
             .collect()
     }
@@ -685,6 +710,7 @@ mod tests {
             cost: u64::from(limit.cost),
             a: 0,
             b: 0,
+            lease: None,
         }
     }
 
