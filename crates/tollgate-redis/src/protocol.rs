@@ -749,6 +749,49 @@ mod tests {
         }
     }
 
+    /// A lease goes in the general layout, its arguments in place of a quota's: code 5, max,
+    /// ttl, the full lease's retry_after, cost 1, then a and b; and never on the fast path.
+    #[test]
+    fn a_lease_is_sent_as_the_script_reads_it() {
+        let quota = tollgate_core::Quota::per_second(10).unwrap();
+        let limits = [Limit::new("tier", &quota, 1), Limit::new("c", &quota, 1)];
+        let mut items: Vec<Item<'_>> = limits.iter().map(item).collect();
+        items[1].lease = Some(LeaseArgs {
+            max: 3,
+            ttl: 300_000,
+            retry_after: 1_000_000,
+        });
+        for mode in [Mode::Decide, Mode::Lease] {
+            let args = CallArgs {
+                mode,
+                now: String::new(),
+                id: "0123456789abcdef0123456789abcdef",
+                arg4: 0,
+                floor: 0,
+                deadline: 0,
+                items: &items,
+            };
+            assert!(
+                !args.is_fast(),
+                "{mode:?}: a lease is never on the fast path"
+            );
+            let mut cmd = redis::cmd("FCALL");
+            args.push_to(&mut cmd);
+            let sent: Vec<String> = cmd
+                .args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    other => panic!("an argument that is not bytes: {other:?}"),
+                })
+                .collect();
+            assert_eq!(sent[1], mode.as_str());
+            assert_eq!(sent[3], args.id);
+            assert_eq!(sent.len(), 1 + 6 + 7 * 2);
+            assert_eq!(&sent[7..14], ["0", "10", "100000", "0", "1", "0", "0"]);
+            assert_eq!(&sent[14..], ["5", "3", "300000", "1000000", "1", "0", "0"]);
+        }
+    }
+
     #[test]
     fn fast_replies_it_does_not_understand_are_errors() {
         for (values, n) in [
