@@ -13,8 +13,30 @@ use crate::store::Store;
 use crate::store::{Limit, Verdict};
 use crate::{Clock, Decision, LEASE_RETRY_AFTER, Lease, LeaseId, Leased, Outcome, Timestamp};
 
-/// Per lease key, the leases held and when each expires.
-type Held = HashMap<Box<str>, Vec<(LeaseId, Timestamp)>>;
+/// A shard's lease table is swept for keys whose leases all expired no more often than this
+/// many keys.
+const MIN_SWEEP: usize = 64;
+
+/// A shard's leases: per key, the leases held and when each expires.
+#[derive(Default)]
+struct Held {
+    keys: HashMap<Box<str>, Vec<(LeaseId, Timestamp)>>,
+    /// The number of keys at which the next new key sweeps the table first: twice the keys left
+    /// after the last sweep, so sweeping costs O(1) per key added, amortised. A key whose holders
+    /// never gave their leases back and that nobody asks again is dropped by the next sweep.
+    sweep_at: usize,
+}
+
+impl Held {
+    /// Forgets every expired lease, and the keys left with none.
+    fn sweep(&mut self, now: Timestamp) {
+        self.keys.retain(|_, leases| {
+            leases.retain(|&(_, expires)| expires > now);
+            !leases.is_empty()
+        });
+        self.sweep_at = (self.keys.len() * 2).max(MIN_SWEEP);
+    }
+}
 
 /// One shard of the lease tables, alone on its cache lines as the bucket shards are.
 #[derive(Default)]
@@ -32,10 +54,7 @@ impl LeaseShard {
 
     /// Forgets every expired lease, and the keys left with none.
     pub(super) fn purge(&self, now: Timestamp) {
-        self.lock().retain(|_, leases| {
-            leases.retain(|&(_, expires)| expires > now);
-            !leases.is_empty()
-        });
+        self.lock().sweep(now);
     }
 }
 
@@ -78,11 +97,11 @@ impl<C: Clock> MemoryStore<C> {
         let shard = self.lease_shard(lease.key);
         let mut table = shard.lock();
         let now = self.now();
-        let held = match table.get_mut(lease.key) {
+        let held = match table.keys.get_mut(lease.key) {
             Some(leases) => {
                 leases.retain(|&(_, expires)| expires > now);
                 if leases.is_empty() {
-                    table.remove(lease.key);
+                    table.keys.remove(lease.key);
                     0
                 } else {
                     leases.len()
@@ -107,7 +126,11 @@ impl<C: Clock> MemoryStore<C> {
             let id = LeaseId::from_u128(u128::from(
                 self.inner.next_lease.fetch_add(1, Ordering::Relaxed),
             ));
+            if held == 0 && table.keys.len() >= table.sweep_at {
+                table.sweep(now);
+            }
             table
+                .keys
                 .entry(lease.key.into())
                 .or_default()
                 .push((id, now + lease.ttl));
@@ -124,10 +147,10 @@ impl<C: Clock> MemoryStore<C> {
     pub fn release_now(&self, key: &str, id: LeaseId) {
         let now = self.now();
         let mut table = self.lease_shard(key).lock();
-        if let Some(leases) = table.get_mut(key) {
+        if let Some(leases) = table.keys.get_mut(key) {
             leases.retain(|&(held, expires)| held != id && expires > now);
             if leases.is_empty() {
-                table.remove(key);
+                table.keys.remove(key);
             }
         }
     }
@@ -137,6 +160,7 @@ impl<C: Clock> MemoryStore<C> {
         let now = self.now();
         self.lease_shard(key)
             .lock()
+            .keys
             .get(key)
             .map_or(0, |leases| leases.iter().filter(|&&(_, e)| e > now).count())
     }
@@ -163,7 +187,7 @@ mod tests {
 
     /// The number of keys the lease tables hold, expired leases included.
     fn lease_keys<C>(store: &MemoryStore<C>) -> usize {
-        store.inner.leases.iter().map(|s| s.lock().len()).sum()
+        store.inner.leases.iter().map(|s| s.lock().keys.len()).sum()
     }
 
     #[test]
@@ -280,6 +304,43 @@ mod tests {
         assert_eq!(lease_keys(&store), 1);
         store.purge();
         assert_eq!(lease_keys(&store), 0);
+    }
+
+    #[test]
+    fn keys_whose_leases_all_expired_are_swept_as_new_keys_arrive() {
+        let clock = ManualClock::new(T0);
+        let store = MemoryStore::builder()
+            .clock(clock.clone())
+            .shards(1)
+            .build();
+        // Holders that never give back, on keys nobody asks again.
+        for i in 0..1_000 {
+            let key = format!("crashed:{i}");
+            assert!(
+                store
+                    .decide_leased_now(&[], &Lease::new(&key, 1, TTL))
+                    .lease
+                    .is_some()
+            );
+        }
+        assert_eq!(lease_keys(&store), 1_000, "all live");
+        clock.advance(TTL);
+        for i in 0..1_000 {
+            let key = format!("new:{i}");
+            assert!(
+                store
+                    .decide_leased_now(&[], &Lease::new(&key, 1, TTL))
+                    .lease
+                    .is_some()
+            );
+        }
+        // The expired keys went with a sweep; what is left is the new keys (all live) and at most
+        // the few expired ones added since the last sweep.
+        let left = lease_keys(&store);
+        assert!(
+            (1_000..1_000 + MIN_SWEEP).contains(&left),
+            "{left} keys left"
+        );
     }
 
     #[test]

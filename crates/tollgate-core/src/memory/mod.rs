@@ -69,10 +69,11 @@ pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 ///   The eviction summary adds 8 bytes per key of the cap, once the store has evicted.
 /// * **Concurrency leases** ([`Store::decide_leased`]) live in tables of their own, sharded by
 ///   the same hash: per lease key, the id and expiry of each lease held. Expired leases are
-///   dropped whenever the key is asked for a lease or one is given back (and by
-///   [`purge`](Self::purge)), a key left with none is removed, and leases do not count toward
-///   [`max_keys`](MemoryStoreBuilder::max_keys) or [`len`](Self::len): they are bounded by
-///   each key's `max`. Ids are unique within the store.
+///   dropped whenever the key is asked for a lease or one is given back, by an amortised sweep
+///   of the shard as new lease keys arrive, and by [`purge`](Self::purge); a key left with none
+///   is removed. Leases do not count toward [`max_keys`](MemoryStoreBuilder::max_keys) or
+///   [`len`](Self::len): a key holds at most its `max` live leases, and outlives its last lease
+///   only until the next sweep. Ids are unique within the store.
 ///
 /// ```
 /// use tollgate_core::{Limit, MemoryStore, Quota};
