@@ -44,7 +44,12 @@ async fn at_once(servers: &[&Server], n: usize, ms: u64) -> Vec<Reply> {
 /// Checks that exactly `ok` replies are 200 and the rest are the concurrency cap's 429.
 fn assert_capped(replies: &[Reply], ok: usize) {
     let passed = replies.iter().filter(|r| r.status == 200).count();
-    assert_eq!(passed, ok, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert_eq!(
+        passed,
+        ok,
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
     for reply in replies.iter().filter(|r| r.status != 200) {
         assert_eq!(reply.status, 429, "{reply:?}");
         assert_eq!(reply.header("retry-after"), Some("1"), "{reply:?}");

@@ -43,6 +43,13 @@
 //! when a denied request could pass, and (leaky bucket) how long to delay; a cost the quota can
 //! never hold is its own outcome, [`Outcome::InsufficientCapacity`].
 //!
+//! # Concurrency leases
+//!
+//! Besides rates, a store caps work in flight: [`Store::decide_leased`] takes one of at most
+//! `max` [`Lease`]s on a key in the same atomic step as the limits, and [`Store::release`] gives
+//! it back; a lease never given back expires `ttl` after it was taken, so a crashed holder frees
+//! its place.
+//!
 //! # Features
 //!
 //! | feature | what it adds |

@@ -365,26 +365,39 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// [`peek`](Self::peek) without waiting, for stores without I/O (like
-    /// [`decide_now`](Self::decide_now)). The default is `None`.
+    /// [`decide_now`](Self::decide_now)). The default, for stores that do I/O, is `None`.
     fn peek_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
         let _ = limits;
         None
     }
 
-    /// Decides `limits` like `decide` and, in the same atomic step, takes one lease of `lease`.
+    /// Decides `limits` like [`decide`](Self::decide) and, in the same atomic step, takes one
+    /// lease of `lease`: all or nothing. The lease is taken only if every limit allows and fewer
+    /// than `lease.max` unexpired leases are held; the limits are charged only if the lease is
+    /// taken. `limits` may be empty (a lease only); a `max` of 0 denies always.
+    ///
+    /// The verdict has one decision per limit, in order, then one for the lease: `limit` = `max`,
+    /// `remaining` = leases still free after this one (or as it stands when not taken), outcome
+    /// [`Outcome::Denied`] with `retry_after` = [`LEASE_RETRY_AFTER`](crate::LEASE_RETRY_AFTER)
+    /// when the lease is full, `reset_after` and `delay` 0. When the lease is full the limits are
+    /// not decided at all and report themselves as they stand (as after any denial). The answer's
+    /// `lease` is `Some` exactly when the verdict allows: give it back with
+    /// [`release`](Self::release), or it expires `lease.ttl` after it was taken, on the store's
+    /// clock.
+    ///
+    /// The default, for stores without leases, fails with an error of kind
+    /// [`StoreErrorKind::Other`].
     fn decide_leased(
         &self,
         limits: &[Limit<'_>],
         lease: &Lease<'_>,
     ) -> impl Future<Output = Result<Leased, StoreError>> + Send {
         let _ = (limits, lease);
-        std::future::ready(Err(StoreError::new(
-            StoreErrorKind::Other,
-            "this store does not support concurrency leases",
-        )))
+        std::future::ready(Err(leases_unsupported(self.kind())))
     }
 
-    /// Gives a lease back.
+    /// Gives a lease back. Idempotent: an expired or unknown id is `Ok`. The default does
+    /// nothing (a store without leases holds none).
     fn release(
         &self,
         key: &str,
@@ -394,7 +407,8 @@ pub trait Store: Send + Sync + 'static {
         std::future::ready(Ok(()))
     }
 
-    /// decide_leased without waiting.
+    /// [`decide_leased`](Self::decide_leased) without waiting, for stores without I/O (like
+    /// [`decide_now`](Self::decide_now)). The default is `None`.
     fn decide_leased_now(
         &self,
         limits: &[Limit<'_>],
@@ -404,11 +418,19 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// release without waiting.
+    /// [`release`](Self::release) without waiting, for stores without I/O. The default is `None`.
     fn release_now(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>> {
         let _ = (key, id);
         None
     }
+}
+
+/// The error of [`Store::decide_leased`] on a store that does not implement it.
+fn leases_unsupported(kind: &'static str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Other,
+        format!("the {kind} store does not support concurrency leases"),
+    )
 }
 
 /// A boxed, `Send` future, as [`DynStore`] returns.

@@ -83,6 +83,11 @@ local function call_time(argv)
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- What a lease key's TTL adds to its newest lease's: the key never expires before a lease it
+-- holds, and a key whose leases have all expired carries no information (they are dropped on the
+-- next 'lease' call anyway).
+local LEASE_KEY_MARGIN_MS = 1000
+
 -- The TTL, in ms rounded up, of a state that stops mattering `span` µs from now.
 local function ttl_ms(span)
   return fmt(math.ceil(span / 1000) + TTL_PAD_MS)

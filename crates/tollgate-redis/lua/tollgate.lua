@@ -3,32 +3,45 @@
 -- them; a function library passes its callback's keys and args). Its local functions close over
 -- the call's state, so they are created per call; the algorithms and helpers they use are not.
 --
--- KEYS: one per limit.
--- ARGV[1] mode: 'decide' | 'peek' | 'earliest' | 'reserve' | 'cancel' | 'undo' | 'pause'
+-- KEYS: one per limit; in mode 'lease', then the lease key (a sorted set), last.
+-- ARGV[1] mode: 'decide' | 'lease' | 'peek' | 'earliest' | 'reserve' | 'cancel' | 'undo' | 'pause'
 --   (and 'd', the fast path's compact decide, answered in fast_path.lua before this entry point)
 -- ARGV[2] now in µs, or '' to use the server's clock (TIME). Only test-vector replays pass a time.
--- ARGV[3] call id: unique per call (sliding-window-log member names; 'undo' names the call undone)
+-- ARGV[3] call id: unique per call (sliding-window-log member names; 'undo' names the call undone);
+--   in mode 'lease' (and the 'undo' or 'peek' of a lease call), the lease id, 32 hex digits: the
+--   lease's member in its sorted set
 -- ARGV[4] reserve: max wait (µs); pause: duration (µs); otherwise 0
 -- ARGV[5] reserve: the departure time to hold (µs, server clock), or 0 for the earliest possible
 -- ARGV[6] the call's deadline (µs, server clock), or 0: past it, the call writes nothing and
 --   answers status 4 (`late` in common.lua)
 -- then 7 values per limit: algorithm, limit, interval (µs), max_delay (µs), cost, a, b
 --   algorithm: 0 token_bucket, 1 leaky_bucket, 2 fixed_window, 3 sliding_window_log,
---              4 sliding_window_counter
+--              4 sliding_window_counter, 5 a concurrency lease (the last key of a 'lease' call,
+--              or a key of an 'undo' or 'peek'): limit = the most leases held at once, interval =
+--              the lease's ttl (µs), max_delay = the retry_after of a full lease (µs), cost 1
 --   a, b: cancel: tat before / after the reservation (and the cost slot: its charge, µs); undo:
 --   what the decide call reported
 --
 -- Returns status, now, wait, then 8 numbers per limit: outcome, limit, remaining, reset_after,
 -- retry_after, delay, a, b; packed into one string of little-endian 64-bit integers (`packed` in
 -- common.lua).
---   status: decide/peek/cancel/undo/pause 0; reserve 0 granted, 1 would exceed, 2 retry (nothing
---   held: a window must be asked again later, or the time asked for in ARGV[5] is gone), 3 never;
+--   status: decide/lease/peek/cancel/undo/pause 0; reserve 0 granted, 1 would exceed, 2 retry
+--   (nothing held: a window must be asked again later, or the time asked for in ARGV[5] is gone),
+--   3 never;
 --   earliest: 0 (wait = when all limits could pass), 3 never; any mode: 4 late (past ARGV[6],
 --   nothing written, no rows)
 --   a, b: decide/reserve: bucket tat before / after the write; window start written; else 0
 --   pause: outcome 1 when the limit was paused (a bucket), 0 otherwise
+--   lease: the limits' rows, then the lease's: allowed (limit = max, remaining = leases free after
+--   this one, or as it stands when not taken) or, when it is full, denied with its retry_after
+--
+-- A lease is a member of the sorted set at its key, named by the call id and scored with its
+-- expiry (µs, this server's clock). A 'lease' call drops the expired members, and takes a lease
+-- only if fewer than max remain and every limit allows (decided as 'decide' does; when the lease
+-- is full the limits are only reported as they stand): all or nothing. An 'undo' of a lease call
+-- removes its member.
 
-local TOKEN, LEAKY, FIXED, LOG, COUNTER = 0, 1, 2, 3, 4
+local TOKEN, LEAKY, FIXED, LOG, COUNTER, LEASE = 0, 1, 2, 3, 4, 5
 local TAGS = { [TOKEN] = 'b', [LEAKY] = 'b', [FIXED] = 'w', [COUNTER] = 'c' }
 
 local function tollgate(KEYS, ARGV)
@@ -43,7 +56,11 @@ local function tollgate(KEYS, ARGV)
   local id = ARGV[3]
   local arg4 = tonumber(ARGV[4])
   local floor = tonumber(ARGV[5])
+  -- The limits; a 'lease' call's last key is its lease.
   local n = #KEYS
+  if mode == 'lease' then
+    n = n - 1
+  end
 
   local function param(i, j)
     return tonumber(ARGV[6 + (i - 1) * 7 + j])
@@ -162,7 +179,7 @@ local function tollgate(KEYS, ARGV)
 
   local function reply(status, wait, rows)
     local out = { status, now, wait }
-    for i = 1, n do
+    for i = 1, #KEYS do
       local r = rows[i] or {}
       for j = 1, 8 do
         out[#out + 1] = r[j] or 0
@@ -198,14 +215,69 @@ local function tollgate(KEYS, ARGV)
     return rows
   end
 
+  -- The row of the lease at key i with `held` leases held: taken (one more held now), free (it
+  -- would be taken; as it stands), or full (denied).
+  local function lease_row(i, held, taken)
+    local most = param(i, 2)
+    if held >= most then
+      return { DENY, most, 0, 0, param(i, 4), 0 }
+    end
+    if taken then
+      held = held + 1
+    end
+    return { ALLOW, most, most - held, 0, 0, 0 }
+  end
+
   if mode == 'decide' then
     return reply(0, 0, decide_all())
+  end
+
+  if mode == 'lease' then
+    local li = n + 1
+    local key, ttl = KEYS[li], param(li, 3)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local held = redis.call('ZCARD', key)
+    if held >= param(li, 2) then
+      -- Full: the limits are not decided, only reported as a denial reports them.
+      local rows = {}
+      for i = 1, n do
+        local d = decide_limit(i, param(i, 5), false)
+        if d[1] == ALLOW then
+          d = decide_limit(i, 0, false)
+        end
+        rows[i] = d
+      end
+      rows[li] = lease_row(li, held, false)
+      return reply(0, 0, rows)
+    end
+    local rows = decide_all()
+    local all = true
+    for i = 1, n do
+      if rows[i][1] ~= ALLOW then
+        all = false
+      end
+    end
+    if all then
+      redis.call('ZADD', key, now + ttl, id)
+      -- The key outlives its newest lease (a lease with a longer ttl, taken earlier, keeps it).
+      local keep = math.ceil(ttl / 1000) + TTL_PAD_MS + LEASE_KEY_MARGIN_MS
+      if redis.call('PTTL', key) < keep then
+        redis.call('PEXPIRE', key, keep)
+      end
+    end
+    rows[li] = lease_row(li, held, all)
+    return reply(0, 0, rows)
   end
 
   if mode == 'peek' then
     local rows = {}
     for i = 1, n do
-      rows[i] = decide_limit(i, param(i, 5), false)
+      if param(i, 1) == LEASE then
+        -- The unexpired leases, as they stand (a peek writes nothing, so none is dropped).
+        rows[i] = lease_row(i, redis.call('ZCOUNT', KEYS[i], '(' .. fmt(now), '+inf'), false)
+      else
+        rows[i] = decide_limit(i, param(i, 5), false)
+      end
     end
     return reply(0, 0, rows)
   end
@@ -291,7 +363,9 @@ local function tollgate(KEYS, ARGV)
     for i = 1, n do
       local key, alg, w, cost = KEYS[i], param(i, 1), param(i, 3), param(i, 5)
       local a, b = param(i, 6), param(i, 7)
-      if alg == LOG then
+      if alg == LEASE then
+        redis.call('ZREM', key, id)
+      elseif alg == LOG then
         local members = {}
         for u = 1, cost do
           members[#members + 1] = id .. ':' .. a .. ':' .. u

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use redis::cluster_routing::Slot;
 use tollgate_core::{
-    Decision, Held, Limit, MAX_SPAN_MICROS, Quota, Reservation, Reserve, StoreError, Verdict,
+    Decision, Held, LEASE_RETRY_AFTER, Lease, LeaseId, Leased, Limit, MAX_SPAN_MICROS, Quota,
+    Reservation, Reserve, StoreError, Verdict,
 };
 
-use crate::protocol::{Budget, Item, Row, micros, protocol};
+use crate::protocol::{Budget, Item, LeaseArgs, Row, micros, protocol};
 use crate::script::Mode;
 use crate::store::RedisStore;
 
@@ -27,6 +28,11 @@ const COMPENSATION_ERRORS_TOTAL: &str = "rate_limiter_store_compensation_errors_
 fn compensation_failed(op: &'static str, error: &StoreError) {
     tracing::warn!(%error, op, "redis: could not undo a charge; it stays until it expires");
     metrics::counter!(COMPENSATION_ERRORS_TOTAL, "store" => "redis", "op" => op).increment(1);
+}
+
+/// A lease's member in its sorted set: its id as 32 hex digits.
+pub(crate) fn lease_member(id: LeaseId) -> String {
+    format!("{:032x}", id.as_u128())
 }
 
 /// The indices of `keys` grouped by cluster slot, in order of first appearance.
@@ -61,20 +67,77 @@ impl RedisStore {
                 cost: items[i].cost,
                 a: items[i].a,
                 b: items[i].b,
+                lease: items[i].lease,
             })
             .collect()
     }
 
     /// Decides `limits`: one call per slot group, a denial undoing the groups charged before.
     pub(crate) async fn decide_items(&self, limits: &[Limit<'_>]) -> Result<Verdict, StoreError> {
-        let items = self.items(limits);
-        let groups = self.groups(&items);
         let id = self.inner.ids.next();
+        self.decide_groups(limits, None, &id).await
+    }
+
+    /// Decides `limits` and takes a lease of `lease`, all or nothing: the lease is one more key
+    /// of the request, in its slot's group (the call of that group takes it, `Mode::Lease`), and
+    /// the undo of that group gives it back.
+    pub(crate) async fn decide_leased_items(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Result<Leased, StoreError> {
+        // The lease's item carries its key; the script reads its `LeaseArgs`, never this quota.
+        let unused = Quota::per_second(1).map_err(|e| protocol(e.to_string()))?;
+        let key = Limit::new(lease.key, &unused, 1);
+        let args = LeaseArgs {
+            max: lease.max,
+            ttl: micros(lease.ttl),
+            retry_after: micros(LEASE_RETRY_AFTER),
+        };
+        let id = self.inner.ids.lease();
+        let verdict = self
+            .decide_groups(limits, Some((&key, args)), &lease_member(id))
+            .await?;
+        let taken = verdict.is_allowed();
+        Ok(Leased {
+            verdict,
+            lease: taken.then_some(id),
+        })
+    }
+
+    /// Decides `limits`, and with `lease` takes it too (its decision comes last), under the call
+    /// id `id` (a lease's member name when there is one).
+    async fn decide_groups<'a>(
+        &self,
+        limits: &'a [Limit<'a>],
+        lease: Option<(&'a Limit<'a>, LeaseArgs)>,
+        id: &str,
+    ) -> Result<Verdict, StoreError> {
+        let mut items = self.items(limits);
+        if let Some((key, args)) = lease {
+            items.push(Item {
+                key: self.redis_key(key.key),
+                limit: key,
+                cost: 1,
+                a: 0,
+                b: 0,
+                lease: Some(args),
+            });
+        }
+        // The lease is the last item, so the last of its group, where the script looks for it.
+        let mode = |group: &[usize]| {
+            if group.iter().any(|&i| items[i].lease.is_some()) {
+                Mode::Lease
+            } else {
+                Mode::Decide
+            }
+        };
+        let groups = self.groups(&items);
         let deadline = self.deadline();
         if let [only] = groups.as_slice() {
             debug_assert_eq!(only.len(), items.len());
             let answer = self
-                .call(Mode::Decide, &items, &id, 0, 0, Budget::guarded(deadline))
+                .call(mode(only), &items, id, 0, 0, Budget::guarded(deadline))
                 .await?;
             return Ok(Verdict::new(
                 answer.rows.iter().map(|r| r.decision).collect(),
@@ -87,12 +150,12 @@ impl RedisStore {
         for group in &groups {
             let sub = Self::subset(&items, group);
             let answer = match self
-                .call(Mode::Decide, &sub, &id, 0, 0, Budget::guarded(deadline))
+                .call(mode(group), &sub, id, 0, 0, Budget::guarded(deadline))
                 .await
             {
                 Ok(answer) => answer,
                 Err(e) => {
-                    self.undo(&charged, &id).await;
+                    self.undo(&charged, id).await;
                     return Err(e);
                 }
             };
@@ -106,19 +169,28 @@ impl RedisStore {
             }
             // Denied: give back what earlier groups took, then report every other limit as it
             // stands (a peek at cost 0, as the script does within a group).
-            self.undo(&charged, &id).await;
+            self.undo(&charged, id).await;
             let uncharged: Vec<Limit<'_>> = limits
                 .iter()
                 .map(|l| Limit::new(l.key, l.quota, 0))
                 .collect();
-            let uncharged = self.items(&uncharged);
+            let mut uncharged = self.items(&uncharged);
+            // A lease is peeked as it stands (its unexpired leases counted).
+            uncharged.extend(items[limits.len()..].iter().map(|lease| Item {
+                key: lease.key.clone(),
+                limit: lease.limit,
+                cost: lease.cost,
+                a: 0,
+                b: 0,
+                lease: lease.lease,
+            }));
             for other in &groups {
                 if other == group {
                     continue;
                 }
                 let sub = Self::subset(&uncharged, other);
                 let peek = self
-                    .call(Mode::Peek, &sub, &id, 0, 0, Budget::unguarded(deadline))
+                    .call(Mode::Peek, &sub, id, 0, 0, Budget::unguarded(deadline))
                     .await?;
                 for (&i, row) in other.iter().zip(&peek.rows) {
                     decisions[i] = Some(row.decision);
@@ -152,6 +224,8 @@ impl RedisStore {
                         // A log's members are named after their index in the call that added them.
                         a: if log { i as u64 + 1 } else { row.a },
                         b: row.b,
+                        // A lease's undo removes the member the call added (named by `id`).
+                        lease: item.lease,
                     }
                 })
                 .collect();

@@ -44,6 +44,7 @@
 //! | fixed window | string | `w:<window start>:<count>` |
 //! | sliding window counter | string | `c:<window start>:<previous>:<current>` |
 //! | sliding window log | sorted set | one member per unit of cost, scored with its time in µs, named `<call id>:<limit>:<unit>` |
+//! | concurrency lease | sorted set | one member per lease held, scored with its expiry in µs, named by its id (32 hex digits) |
 //!
 //! A value written by another algorithm (the configuration changed) counts as fresh, as in the Rust
 //! model. Log members are unique even for simultaneous requests (the call id is a random process
@@ -148,6 +149,37 @@
 //! deadline offsets learnt from the old master's clock carry over to the new one until its replies
 //! correct them: keep the group's nodes NTP-synchronised, as for a cluster. Where that
 //! matters, Redis' `min-replicas-to-write` narrows the window at the cost of availability.
+//!
+//! # Concurrency leases
+//!
+//! [`Store::decide_leased`](tollgate_core::Store::decide_leased) caps the work in flight on a
+//! lease key across the fleet. The key (`PREFIX:KEY`, as for a limit; it must differ from every
+//! limit's key) is a sorted set: one member per lease, named by the lease id (the store's random
+//! 64-bit seed and a counter, as 32 hex digits: ids of two stores collide only if their seeds
+//! do), scored
+//! with its expiry on Redis' `TIME`. In the same script call as the decision, the call drops the
+//! expired members (`ZREMRANGEBYSCORE`), counts the rest (`ZCARD`), and only if fewer than `max`
+//! remain decides the limits (the general path, not the fast path); only if every limit allows
+//! does it add the lease (`ZADD`, scored now + ttl) and extend the key's TTL to the lease's ttl
+//! plus one second when that is longer than the TTL it has. A full lease decides no limit.
+//! [`release`](tollgate_core::Store::release) is one `ZREM`, routed by the key; an expired or
+//! unknown id is not an error, so a release that failed or timed out can be sent again.
+//!
+//! **Expiry bound.** A lease not given back (its holder crashed, or never learnt it had one)
+//! stops counting `ttl` after it was taken, on the server's clock, and is dropped by the next call
+//! on its key; the key itself is gone about one second (the margin of its TTL) after the last of
+//! its leases expired.
+//!
+//! **A timeout's outcome is unknown**, as for any decision: the script may have taken the lease
+//! and the answer been lost. The caller then holds no id to give back, and the lease counts
+//! against `max` until its ttl runs out: pick a ttl not much longer than the work it covers. A
+//! call the server runs after its deadline writes nothing, lease included.
+//!
+//! **On a cluster** give the lease key the caller's hash tag (`{user:alice}:c:basic`) and it is
+//! part of the caller's single call. Wherever it lands, it is one more key of the cross-slot
+//! protocol (see "Cluster"): decided in its slot's group, and if a later group denies after the
+//! lease was taken, the undo gives it back with that group's other charges (a failed undo is a
+//! compensating write like the others, logged and counted; the lease then expires by its ttl).
 //!
 //! # Failures
 //!

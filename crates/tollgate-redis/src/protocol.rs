@@ -11,7 +11,7 @@ use tollgate_core::{
 };
 
 use crate::deadline::ClockOffset;
-use crate::script::{LIBRARY, Mode, SCRIPT, algorithm_code};
+use crate::script::{LEASE_CODE, LIBRARY, Mode, SCRIPT, algorithm_code};
 use crate::store::{Connection, RedisStore};
 
 /// The status of a script call that ran after its deadline and wrote nothing (`late` in
@@ -58,6 +58,19 @@ pub(crate) struct Item<'a> {
     /// `lua/tollgate.lua`); 0 otherwise.
     pub(crate) a: u64,
     pub(crate) b: u64,
+    /// For the key of a concurrency lease (whose `limit` only carries the key), what the script
+    /// needs of it instead of a quota; `None` for a limit.
+    pub(crate) lease: Option<LeaseArgs>,
+}
+
+/// A concurrency lease as the script reads it, in place of a limit's quota (`lua/tollgate.lua`,
+/// algorithm 5): the most leases held at once, the lease's ttl (µs), and the `retry_after` of
+/// a full lease (µs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseArgs {
+    pub(crate) max: u32,
+    pub(crate) ttl: u64,
+    pub(crate) retry_after: u64,
 }
 
 /// The script's answer.
@@ -308,7 +321,8 @@ impl CallArgs<'_> {
             && self.arg4 == 0
             && self.floor == 0
             && self.items.iter().enumerate().all(|(i, item)| {
-                item.limit.quota.algorithm() == tollgate_core::Algorithm::TokenBucket
+                item.lease.is_none()
+                    && item.limit.quota.algorithm() == tollgate_core::Algorithm::TokenBucket
                     && self.items[..i].iter().all(|other| other.key != item.key)
             })
     }
@@ -334,6 +348,16 @@ impl CallArgs<'_> {
         sink.push(self.floor);
         sink.push(self.deadline);
         for item in self.items {
+            if let Some(lease) = item.lease {
+                sink.push(LEASE_CODE);
+                sink.push(lease.max);
+                sink.push(lease.ttl);
+                sink.push(lease.retry_after);
+                sink.push(1);
+                sink.push(item.a);
+                sink.push(item.b);
+                continue;
+            }
             let q = item.limit.quota;
             sink.push(algorithm_code(q.algorithm()));
             sink.push(q.limit());
@@ -527,6 +551,7 @@ impl RedisStore {
                 cost: u64::from(limit.cost),
                 a: 0,
                 b: 0,
+                lease: None,
             })
             .collect()
     }
@@ -685,6 +710,7 @@ mod tests {
             cost: u64::from(limit.cost),
             a: 0,
             b: 0,
+            lease: None,
         }
     }
 
@@ -720,6 +746,49 @@ mod tests {
                 .err()
                 .expect("refused");
             assert!(e.to_string().contains("fast path"), "{e}");
+        }
+    }
+
+    /// A lease goes in the general layout, its arguments in place of a quota's: code 5, max,
+    /// ttl, the full lease's retry_after, cost 1, then a and b; and never on the fast path.
+    #[test]
+    fn a_lease_is_sent_as_the_script_reads_it() {
+        let quota = tollgate_core::Quota::per_second(10).unwrap();
+        let limits = [Limit::new("tier", &quota, 1), Limit::new("c", &quota, 1)];
+        let mut items: Vec<Item<'_>> = limits.iter().map(item).collect();
+        items[1].lease = Some(LeaseArgs {
+            max: 3,
+            ttl: 300_000,
+            retry_after: 1_000_000,
+        });
+        for mode in [Mode::Decide, Mode::Lease] {
+            let args = CallArgs {
+                mode,
+                now: String::new(),
+                id: "0123456789abcdef0123456789abcdef",
+                arg4: 0,
+                floor: 0,
+                deadline: 0,
+                items: &items,
+            };
+            assert!(
+                !args.is_fast(),
+                "{mode:?}: a lease is never on the fast path"
+            );
+            let mut cmd = redis::cmd("FCALL");
+            args.push_to(&mut cmd);
+            let sent: Vec<String> = cmd
+                .args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    other => panic!("an argument that is not bytes: {other:?}"),
+                })
+                .collect();
+            assert_eq!(sent[1], mode.as_str());
+            assert_eq!(sent[3], args.id);
+            assert_eq!(sent.len(), 1 + 6 + 7 * 2);
+            assert_eq!(&sent[7..14], ["0", "10", "100000", "0", "1", "0", "0"]);
+            assert_eq!(&sent[14..], ["5", "3", "300000", "1000000", "1", "0", "0"]);
         }
     }
 

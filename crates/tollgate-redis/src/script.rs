@@ -170,6 +170,8 @@ fn refuses_functions(error: &redis::RedisError) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
     Decide,
+    /// A decision that also takes a concurrency lease (the call's last key).
+    Lease,
     Peek,
     Earliest,
     Reserve,
@@ -182,6 +184,7 @@ impl Mode {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Decide => "decide",
+            Mode::Lease => "lease",
             Mode::Peek => "peek",
             Mode::Earliest => "earliest",
             Mode::Reserve => "reserve",
@@ -191,6 +194,9 @@ impl Mode {
         }
     }
 }
+
+/// The script's code for a concurrency lease, in the algorithm slot of its key's arguments.
+pub(crate) const LEASE_CODE: u8 = 5;
 
 /// The script's algorithm codes.
 pub(crate) fn algorithm_code(algorithm: tollgate_core::Algorithm) -> u8 {

@@ -12,8 +12,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use tollgate_core::{
-    Clock, Limit, Outcome, Quota, Reservation, Reserve, Store, StoreError, StoreErrorKind, Verdict,
+    Clock, Lease, LeaseId, Leased, Limit, Outcome, Quota, Reservation, Reserve, Store, StoreError,
+    StoreErrorKind, Verdict,
 };
+
+use crate::cluster::lease_member;
 
 use crate::deadline::ClockOffsets;
 use crate::protocol::{Budget, map_error, micros, protocol};
@@ -78,9 +81,10 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-/// Unique call ids: a random 64-bit process seed and a counter. They name the sliding-window-log
+/// Unique call ids: a random 64-bit store seed and a counter. They name the sliding-window-log
 /// members a call adds, so two simultaneous requests never collide, and let a cross-slot
-/// decision undo exactly its own members.
+/// decision undo exactly its own members. Lease ids are the seed (high 64 bits) and the counter
+/// (low 64 bits).
 pub(crate) struct CallIds {
     seed: u64,
     next: AtomicU64,
@@ -88,8 +92,17 @@ pub(crate) struct CallIds {
 
 impl CallIds {
     fn new() -> Self {
+        // std's RandomState is seeded from the OS once per thread and differs for every instance
+        // after; the time and the process id are hashed in as well, so two stores (in one process
+        // or in two) draw different seeds.
+        let mut hasher = RandomState::new().build_hasher();
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        hasher.write_u128(since_epoch);
+        hasher.write_u32(std::process::id());
         CallIds {
-            seed: RandomState::new().build_hasher().finish(),
+            seed: hasher.finish(),
             next: AtomicU64::new(0),
         }
     }
@@ -97,6 +110,12 @@ impl CallIds {
     pub(crate) fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{:x}.{:x}", self.seed, n)
+    }
+
+    /// A new lease id: unique to this store, and across stores but for a 64-bit seed collision.
+    pub(crate) fn lease(&self) -> LeaseId {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        LeaseId::from_u128((u128::from(self.seed) << 64) | u128::from(n))
     }
 }
 
@@ -501,5 +520,33 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    /// One script call on a standalone server, or on a cluster when the lease shares its slot
+    /// with the limits (a hash tag); otherwise the cross-slot protocol, the lease in its slot's
+    /// group. See "Concurrency leases" in the [crate docs](crate).
+    async fn decide_leased(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Result<Leased, StoreError> {
+        self.decide_leased_items(limits, lease).await
+    }
+
+    /// One `ZREM` of the lease's member, routed by its key.
+    async fn release(&self, key: &str, id: LeaseId) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(self.redis_key(key)).arg(lease_member(id));
+        self.within(self.deadline(), async {
+            // 1 if it was held, 0 if it had expired or was given back already: both are fine.
+            let _removed: i64 = match self.inner.conn.clone() {
+                Connection::Standalone(mut c) => cmd.query_async(&mut c).await,
+                Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
+                Connection::Sentinel(mut c) => cmd.query_async(&mut c).await,
+            }
+            .map_err(map_error)?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -2,7 +2,9 @@
 //! [`MemoryStore`].
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
+use super::leases::LeaseShard;
 use super::{DEFAULT_MAX_KEYS, Inner, MemoryStore, Shard};
 use crate::{Clock, SystemClock};
 
@@ -80,6 +82,8 @@ impl<C: Clock> MemoryStoreBuilder<C> {
                 shard_capacity,
                 max_keys: shard_capacity * shards,
                 clock: self.clock,
+                leases: (0..shards).map(|_| LeaseShard::default()).collect(),
+                next_lease: AtomicU64::new(1),
             }),
         }
     }

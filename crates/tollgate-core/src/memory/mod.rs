@@ -8,18 +8,21 @@
 use std::fmt;
 use std::future::{Future, ready};
 use std::hash::BuildHasher;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::store::{Limit, Reservation, Reserve, Store, StoreError, Verdict};
-use crate::{Clock, Quota, SystemClock, Timestamp};
+use crate::{Clock, Lease, LeaseId, Leased, Quota, SystemClock, Timestamp};
 
 mod builder;
 mod evicted;
+mod leases;
 mod ops;
 mod table;
 
 pub use builder::MemoryStoreBuilder;
+use leases::LeaseShard;
 use table::{Put, Table};
 
 /// The default maximum number of keys a [`MemoryStore`] holds.
@@ -64,6 +67,13 @@ pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 ///   its part (about 45 bytes a key) doubles. A window-algorithm key adds 32 bytes for its state,
 ///   and a sliding-window-log key also holds 16 bytes per admitted request still in its window.
 ///   The eviction summary adds 8 bytes per key of the cap, once the store has evicted.
+/// * **Concurrency leases** ([`Store::decide_leased`]) live in tables of their own, sharded by
+///   the same hash: per lease key, the id and expiry of each lease held. Expired leases are
+///   dropped whenever the key is asked for a lease or one is given back, by an amortised sweep
+///   of the shard as new lease keys arrive, and by [`purge`](Self::purge); a key left with none
+///   is removed. Leases do not count toward [`max_keys`](MemoryStoreBuilder::max_keys) or
+///   [`len`](Self::len): a key holds at most its `max` live leases, and outlives its last lease
+///   only until the next sweep. Ids are unique within the store.
 ///
 /// ```
 /// use tollgate_core::{Limit, MemoryStore, Quota};
@@ -107,6 +117,10 @@ struct Inner<C> {
     shard_capacity: usize,
     max_keys: usize,
     clock: C,
+    /// The lease tables, one per bucket shard ([`MemoryStore::hash`] picks both).
+    leases: Box<[LeaseShard]>,
+    /// The next lease id.
+    next_lease: AtomicU64,
 }
 
 /// One shard, alone on its cache lines so two cores never false-share.
@@ -159,11 +173,15 @@ impl<C: Clock> MemoryStore<C> {
         self.len() == 0
     }
 
-    /// Forgets every key whose state is back to fresh, in every shard.
+    /// Forgets every key whose state is back to fresh, in every shard, and every expired
+    /// lease.
     pub fn purge(&self) {
         let now = self.now();
         for shard in &*self.inner.shards {
             lock(shard).purge(now);
+        }
+        for shard in &*self.inner.leases {
+            shard.purge(now);
         }
     }
 
@@ -234,6 +252,36 @@ impl<C: Clock> Store for MemoryStore<C> {
 
     fn peek_now(&self, limits: &[Limit<'_>]) -> Option<Result<Verdict, StoreError>> {
         Some(Ok(MemoryStore::peek_now(self, limits)))
+    }
+
+    fn decide_leased(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> impl Future<Output = Result<Leased, StoreError>> + Send {
+        ready(Ok(MemoryStore::decide_leased_now(self, limits, lease)))
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        id: LeaseId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        MemoryStore::release_now(self, key, id);
+        ready(Ok(()))
+    }
+
+    fn decide_leased_now(
+        &self,
+        limits: &[Limit<'_>],
+        lease: &Lease<'_>,
+    ) -> Option<Result<Leased, StoreError>> {
+        Some(Ok(MemoryStore::decide_leased_now(self, limits, lease)))
+    }
+
+    fn release_now(&self, key: &str, id: LeaseId) -> Option<Result<(), StoreError>> {
+        MemoryStore::release_now(self, key, id);
+        Some(Ok(()))
     }
 }
 

@@ -159,6 +159,28 @@ impl<C: Clock> MemoryStore<C> {
         Verdict::new(decisions)
     }
 
+    /// The limits as a denial reports them, charging nothing: a limit that would deny gives its
+    /// denial, one that would pass its state as it stands (a peek at cost 0).
+    pub(super) fn stand_now(&self, limits: &[Limit<'_>]) -> Verdict {
+        let now = self.now();
+        let mut locked = self.lock_all(limits);
+        let decisions = limits
+            .iter()
+            .enumerate()
+            .map(|(i, limit)| {
+                let (table, hash) = locked.table(i);
+                let state = table.state(hash, limit.key, limit.quota, now);
+                let d = algorithm::decide(state.as_deref(), now, limit.quota, limit.cost).0;
+                if d.is_allowed() {
+                    algorithm::decide(state.as_deref(), now, limit.quota, 0).0
+                } else {
+                    d
+                }
+            })
+            .collect();
+        Verdict::new(decisions)
+    }
+
     /// [`Store::reserve`] without the future.
     pub fn reserve_now(&self, limits: &[Limit<'_>], max_wait: Duration) -> Reserve {
         let now = self.now();
