@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tollgate_e2e::{Reply, Server, client, send};
+use tollgate_e2e::{Reply, Server, client, metric, send};
 use tollgate_testkit::RedisServer;
 
 /// A basic caller may have 3 requests in flight; its rate never binds here (hourly refill, a
@@ -69,6 +69,14 @@ async fn a_concurrency_cap_admits_exactly_its_size_while_in_flight() {
     assert_capped(&replies, 3);
     // They finished: the next three pass, together.
     assert_capped(&at_once(&[&server], 3, 100).await, 3);
+    // Each refusal is counted as `limited` in the caller's tier.
+    let text = send(client().get(server.url("/metrics"))).await.body;
+    let limited = metric(
+        &text,
+        "rate_limiter_requests_total",
+        &[("tier", "basic"), ("outcome", "limited")],
+    );
+    assert_eq!(limited, Some(17.0), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,8 +31,13 @@
 //!    **500** with a problem body naming the fix, logged once and counted
 //!    (`rate_limiter_misconfigured_total`), never a guess.
 //! 3. The limits of the request are gathered: the caller's tier (charged the route's cost), the
-//!    route's own limit if any (same cost), and the whole-service limit (one per request). They
-//!    are decided **in one store call, all or nothing**.
+//!    route's per-caller limit (the same for every tier, or one per tier) and its limit shared by
+//!    every caller, if any (same cost), the whole-service limit (one per request), and the
+//!    tier's concurrency cap (one place while the request is in flight, given back when its
+//!    response body ends). They are decided **in one store call, all or nothing**. A route that
+//!    [charges only failures](Charge::Failures) has its own limits checked first and charged
+//!    after a response of 400 or more. With [adaptive limits](PolicyBuilder::adaptive), a tier's
+//!    quota may be lowered while the service is overloaded.
 //! 4. If the caller was denied moments ago, the **denied-until cache** answers 429 locally until
 //!    the known retry time, without a store call (exact: nothing can make that time earlier under
 //!    the same policy; entries are keyed by the tier bucket and route, and a reload empties it).
