@@ -159,15 +159,18 @@ impl Shared {
                 }
             }
         }
-        if plan.charges_failures() {
+        let plan = if plan.charges_failures() {
             let (checks, m, at) = plan.deferred();
             let Some(answer) = self.store.peek_now(&checks[..m]) else {
                 return Planned::ToDecide(plan);
             };
-            if let Some(next) = self.check(&plan, answer, &at) {
-                return Planned::Decided(next);
+            match self.check(plan, answer, &at) {
+                Ok(plan) => plan,
+                Err(next) => return Planned::Decided(next),
             }
-        }
+        } else {
+            plan
+        };
         let (limits, n, at) = plan.limits();
         let answer = match plan.lease() {
             Some(lease) => self.store.decide_leased_now(&limits[..n], &lease),
@@ -187,13 +190,16 @@ impl Shared {
     /// Decides a plan on a store that does I/O, under the breaker, the timeout and the failure
     /// policy.
     pub(crate) async fn decide(self: Arc<Self>, plan: Plan) -> Next {
-        if plan.charges_failures() {
+        let plan = if plan.charges_failures() {
             let (checks, m, at) = plan.deferred();
             let answer = self.store.peek(&checks[..m]).await;
-            if let Some(next) = self.check(&plan, answer, &at) {
-                return next;
+            match self.check(plan, answer, &at) {
+                Ok(plan) => plan,
+                Err(next) => return next,
             }
-        }
+        } else {
+            plan
+        };
         let (limits, n, at) = plan.limits();
         let answer = match plan.lease() {
             Some(lease) => self.store.decide_leased(&limits[..n], &lease).await,
@@ -205,30 +211,33 @@ impl Shared {
         self.finish(plan, answer, n, &at)
     }
 
-    /// The check of a route that charges only failures: `Some` answer when its limits have
-    /// nothing left for the request, `None` to go on and decide. A store failure goes on (the
-    /// decision then meets the failure policy).
+    /// The check of a route that charges only failures: the plan back to go on and decide, or
+    /// the answer when its limits have nothing left for the request (in shadow mode the request
+    /// then passes, counted `shadow_limited`, charging nothing, as a denial would). A store
+    /// failure goes on (the decision then meets the failure policy).
     fn check(
         self: &Arc<Self>,
-        plan: &Plan,
+        plan: Plan,
         answer: Guarded<Verdict>,
         at: &Indices,
-    ) -> Option<Next> {
+    ) -> Result<Plan, Next> {
         let (verdict, from_store) = match answer {
             Guarded::Store(verdict) => (verdict, true),
             Guarded::Local(verdict) => (verdict, false),
-            Guarded::Open | Guarded::Closed => return None,
+            Guarded::Open | Guarded::Closed => return Ok(plan),
         };
         if verdict.is_allowed() {
-            return None;
+            return Ok(plan);
         }
-        let (binding, decision) = verdict.binding()?;
-        let binding = at.get(binding);
+        let Some((binding, decision)) = verdict.binding() else {
+            return Ok(plan);
+        };
+        let (binding, decision) = (at.get(binding), *decision);
         if plan.policy.is_shadow() {
-            count(plan, outcome::SHADOW_LIMITED);
-            return None;
+            count(&plan, outcome::SHADOW_LIMITED);
+            return Err(self.forward(plan, binding, decision, Duration::ZERO, true, None));
         }
-        Some(self.refuse(plan, &verdict, at, binding, *decision, from_store))
+        Err(self.refuse(&plan, &verdict, at, binding, decision, from_store))
     }
 
     /// Turns the store's (or the failure policy's) answer into what to do with the request:
