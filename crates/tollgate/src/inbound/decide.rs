@@ -165,8 +165,8 @@ impl Shared {
                 return Planned::ToDecide(plan);
             };
             match self.check(plan, answer, &at) {
-                Ok(plan) => plan,
-                Err(next) => return Planned::Decided(next),
+                Checked::Go(plan) => plan,
+                Checked::Answered(next) => return Planned::Decided(next),
             }
         } else {
             plan
@@ -194,8 +194,8 @@ impl Shared {
             let (checks, m, at) = plan.deferred();
             let answer = self.store.peek(&checks[..m]).await;
             match self.check(plan, answer, &at) {
-                Ok(plan) => plan,
-                Err(next) => return next,
+                Checked::Go(plan) => plan,
+                Checked::Answered(next) => return next,
             }
         } else {
             plan
@@ -215,29 +215,31 @@ impl Shared {
     /// the answer when its limits have nothing left for the request (in shadow mode the request
     /// then passes, counted `shadow_limited`, charging nothing, as a denial would). A store
     /// failure goes on (the decision then meets the failure policy).
-    fn check(
-        self: &Arc<Self>,
-        plan: Plan,
-        answer: Guarded<Verdict>,
-        at: &Indices,
-    ) -> Result<Plan, Next> {
+    fn check(self: &Arc<Self>, plan: Plan, answer: Guarded<Verdict>, at: &Indices) -> Checked {
         let (verdict, from_store) = match answer {
             Guarded::Store(verdict) => (verdict, true),
             Guarded::Local(verdict) => (verdict, false),
-            Guarded::Open | Guarded::Closed => return Ok(plan),
+            Guarded::Open | Guarded::Closed => return Checked::Go(plan),
         };
         if verdict.is_allowed() {
-            return Ok(plan);
+            return Checked::Go(plan);
         }
         let Some((binding, decision)) = verdict.binding() else {
-            return Ok(plan);
+            return Checked::Go(plan);
         };
         let (binding, decision) = (at.get(binding), *decision);
         if plan.policy.is_shadow() {
             count(&plan, outcome::SHADOW_LIMITED);
-            return Err(self.forward(plan, binding, decision, Duration::ZERO, true, None));
+            return Checked::Answered(self.forward(
+                plan,
+                binding,
+                decision,
+                Duration::ZERO,
+                true,
+                None,
+            ));
         }
-        Err(self.refuse(&plan, &verdict, at, binding, decision, from_store))
+        Checked::Answered(self.refuse(&plan, &verdict, at, binding, decision, from_store))
     }
 
     /// Turns the store's (or the failure policy's) answer into what to do with the request:
@@ -466,6 +468,14 @@ impl Shared {
             &decision,
         ))
     }
+}
+
+/// What the check of a route that charges only failures found.
+enum Checked {
+    /// Room left: decide the plan.
+    Go(Plan),
+    /// The answer, without deciding.
+    Answered(Next),
 }
 
 /// A caller's key in logs: shown as its 128-bit fingerprint, computed only when a log line is
