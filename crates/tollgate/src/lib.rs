@@ -6,7 +6,7 @@
 //!
 //! | front end | for | module |
 //! |---|---|---|
-//! | the server layer, [`InboundRateLimitLayer`] | the requests an axum / hyper server *receives*: callers keyed by API key, user or IP, tiers, per-route costs and limits, a whole-service limit, 429 with `Retry-After`, `RateLimit` and `X-RateLimit-*` | [`inbound`] |
+//! | the server layer, [`InboundRateLimitLayer`] | the requests an axum / hyper server *receives*: callers keyed by API key, user or IP, tiers, per-route costs and limits (per caller, per tier, shared, or on failures only), a whole-service limit, concurrency caps, adaptive limits under load, 429 with `Retry-After`, `RateLimit` and `X-RateLimit-*` | [`inbound`] |
 //! | the client layer, [`OutboundRateLimitLayer`] | the requests a `reqwest` (or any tower) client *sends*: wait for a token up to a deadline or fail fast with a typed `RateLimited`, buckets shared by a fleet, slowing down when the upstream says so | [`outbound`] |
 //! | the plain [`Limiter`] | any other work (an SDK call, a webhook delivery, a queue consumer): `check`, `acquire`, `reserve`, `pause`, blocking forms | [`limiter`] |
 //!
