@@ -260,6 +260,7 @@
 //! to a Sentinel group's master and how it follows a failover; `script.rs` the Lua script,
 //! joined from the files of `lua/`, as a script and as a function library.
 
+mod batch;
 mod cluster;
 mod deadline;
 mod protocol;
