@@ -312,3 +312,79 @@ fn next_batch(lane: &Lane) -> Vec<Waiting> {
     }
     batch
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A queued decision over `keys` keys with its deadline, and its answer's
+    /// receiver.
+    fn waiting(
+        keys: usize,
+        deadline: Instant,
+    ) -> (Waiting, oneshot::Receiver<Result<Delivered, StoreError>>) {
+        let (answer, receiver) = oneshot::channel();
+        let member = Member {
+            keys: (0..keys).map(|i| format!("k{i}")).collect(),
+            args: vec![1; 3 * keys],
+            deadline,
+            server_deadline: 0,
+        };
+        (Waiting { member, answer }, receiver)
+    }
+
+    fn lane_of(members: Vec<Waiting>) -> Lane {
+        let lane = Lane::default();
+        lane.lock().queue.extend(members);
+        lane
+    }
+
+    #[test]
+    fn a_batch_is_bounded_by_decisions_and_by_keys() {
+        let later = Instant::now() + Duration::from_secs(60);
+        let (members, _receivers): (Vec<_>, Vec<_>) = (0..150).map(|_| waiting(1, later)).unzip();
+        let lane = lane_of(members);
+        let sizes: Vec<usize> = std::iter::from_fn(|| {
+            let batch = next_batch(&lane);
+            (!batch.is_empty()).then_some(batch.len())
+        })
+        .collect();
+        assert_eq!(sizes, [MAX_BATCH, MAX_BATCH, 150 - 2 * MAX_BATCH]);
+
+        // 100 keys each: two fit the key budget, not three; a decision above the budget goes
+        // alone.
+        let (members, _receivers): (Vec<_>, Vec<_>) = [100, 100, 100, MAX_BATCH_KEYS + 1, 1]
+            .into_iter()
+            .map(|keys| waiting(keys, later))
+            .unzip();
+        let lane = lane_of(members);
+        let sizes: Vec<usize> = std::iter::from_fn(|| {
+            let batch = next_batch(&lane);
+            (!batch.is_empty()).then_some(batch.len())
+        })
+        .collect();
+        assert_eq!(sizes, [2, 1, 1, 1]);
+    }
+
+    #[test]
+    fn decisions_past_their_deadline_or_given_up_are_answered_and_left_out() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let (expired, mut expired_rx) = waiting(1, now);
+        let (given_up, given_up_rx) = waiting(1, later);
+        drop(given_up_rx);
+        let (live, _live_rx) = waiting(1, later);
+        let lane = lane_of(vec![expired, given_up, live]);
+        let batch = next_batch(&lane);
+        assert_eq!(batch.len(), 1, "only the live decision is sent");
+        assert_eq!(batch[0].member.deadline, later);
+        match expired_rx.try_recv() {
+            Ok(Err(e)) => assert!(e.is_timeout(), "{e}"),
+            Ok(Ok(_)) => panic!("an expired decision was answered as decided"),
+            Err(e) => panic!("an expired decision was not answered: {e}"),
+        }
+        assert!(lane.lock().queue.is_empty());
+    }
+}

@@ -931,6 +931,49 @@ mod tests {
         }
     }
 
+    /// A batch goes as mode 'b': now, then per decision its key count, its server deadline, and
+    /// limit, interval and cost per key; its keys are every decision's, in order.
+    #[test]
+    fn a_batch_is_sent_as_the_script_reads_it() {
+        let later = Instant::now();
+        let one = Member {
+            keys: vec!["p:a".to_owned()],
+            args: vec![10, 100_000, 1],
+            deadline: later,
+            server_deadline: 7,
+        };
+        let two = Member {
+            keys: vec!["p:b".to_owned(), "p:c".to_owned()],
+            args: vec![5, 200_000, 2, 3, 300_000, 0],
+            deadline: later,
+            server_deadline: 0,
+        };
+        let args = BatchArgs {
+            now: String::new(),
+            members: &[&one, &two],
+        };
+        assert_eq!(args.key_count(), 3);
+        let mut keys = Vec::new();
+        args.for_each_key(|k| keys.push(k.to_owned()));
+        assert_eq!(keys, ["p:a", "p:b", "p:c"]);
+        let mut cmd = redis::cmd("FCALL");
+        args.push_to(&mut cmd);
+        let sent: Vec<String> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                other => panic!("an argument that is not bytes: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            &sent[1..],
+            [
+                "b", "", "1", "7", "10", "100000", "1", "2", "0", "5", "200000", "2", "3",
+                "300000", "0"
+            ]
+        );
+    }
+
     #[test]
     fn fast_replies_it_does_not_understand_are_errors() {
         for (values, n) in [
