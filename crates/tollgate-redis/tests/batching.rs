@@ -66,7 +66,7 @@ async fn replay(builder: RedisStoreBuilder, copies: usize, label: &str) -> Vec<S
             clock.set(step.now);
             let mut handles = Vec::with_capacity(copies);
             for copy in 0..copies {
-                let (store, quota, cost) = (store.clone(), v.quota.clone(), step.cost);
+                let (store, quota, cost) = (store.clone(), v.quota, step.cost);
                 let key = format!("vector:{}:{copy}", v.name);
                 handles.push(tokio::spawn(async move {
                     store.decide(&[Limit::new(&key, &quota, cost)]).await
@@ -347,12 +347,10 @@ async fn a_batch_that_times_out_fails_each_member_and_is_not_resent() {
             (result, start.elapsed())
         })
     };
-    let first = decide(store.clone(), quota.clone());
+    let first = decide(store.clone(), quota);
     // Queued behind the first, with deadlines 200 ms after its own.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let queued: Vec<_> = (0..10)
-        .map(|_| decide(store.clone(), quota.clone()))
-        .collect();
+    let queued: Vec<_> = (0..10).map(|_| decide(store.clone(), quota)).collect();
     let (result, took) = first.await.expect("the first task");
     let e = result.expect_err("no answer from a frozen server");
     assert!(e.is_timeout(), "the first: {e}");
@@ -428,7 +426,7 @@ async fn a_decision_whose_deadline_passes_in_the_queue_is_not_sent() {
     server.pause().expect("SIGSTOP");
     let t0 = Instant::now();
     let decide = |key: &'static str| {
-        let (store, quota) = (store.clone(), quota.clone());
+        let (store, quota) = (store.clone(), quota);
         tokio::spawn(async move { store.decide(&[Limit::new(key, &quota, 1)]).await })
     };
     // In flight until 400 ms.
@@ -502,7 +500,7 @@ async fn a_cluster_batches_slot_by_slot_and_stays_exact() {
     let roomy = Quota::per_second(1_000).expect("quota");
     let allowed = burst_of(&store, 60, |t| {
         vec![
-            (format!("{{user{}}}:tier", t % 6), roomy.clone()),
+            (format!("{{user{}}}:tier", t % 6), roomy),
             ("global".to_owned(), burst(20)),
         ]
     })
