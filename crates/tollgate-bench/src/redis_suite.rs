@@ -1,8 +1,11 @@
 //! `redis`: decisions per second from one process on a `redis-server` the runner starts.
 //!
-//! * tollgate: `RedisStore::decide`, each call one `FCALL` of tollgate's function library (the
-//!   store's default on Redis 7), from N tokio
-//!   tasks sharing the store's one multiplexed connection, on one runtime thread.
+//! * tollgate: `RedisStore::decide`, by `FCALL` of tollgate's function library (the store's
+//!   default on Redis 7), from N tokio tasks sharing the store's one multiplexed connection, on
+//!   one runtime thread, with the store's defaults: batching on (the decisions queued behind a
+//!   call in flight go out as one call). The `batching on vs off` rows set the same load against
+//!   a store with batching off (one call per decision), at every task count, so what batching
+//!   costs a lone caller shows beside what it gains under load.
 //! * ceiling: `redis-benchmark` (one thread, `-c N -P 1`) sending the very same `EVALSHA` with the
 //!   same keys and arguments: what the server can do with this script, client cost aside.
 //! * naive: the multi-round-trip approach of the seed guide (004): per limit, `GET` the bucket,
@@ -16,7 +19,7 @@
 //! against the naive peer's (on the shared connection); and Redis' own CPU time per decision
 //! (`INFO commandstats`: the usec of `FCALL` / `EVALSHA` over their calls), tollgate's script
 //! against a textbook GCRA script of our own ([`TEXTBOOK`]) driven the same way over the same
-//! keys. One runtime thread drives every client
+//! keys; tollgate's side with batching off there, so that a call is one decision. One runtime thread drives every client
 //! task and the connections' own tasks, so its CPU time over a run is the client side's.
 
 use std::process::Command;
@@ -390,16 +393,24 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
         other => return Err(format!("SCRIPT LOAD answered {other:?}").into()),
     };
     let url = server.url();
-    let (store, naive) = runtime.block_on(async {
+    let (store, unbatched, naive) = runtime.block_on(async {
         let store = RedisStore::builder(url.as_str())
             .timeout(Duration::from_secs(2))
             .connect()
             .await?;
+        let unbatched = RedisStore::builder(url.as_str())
+            .timeout(Duration::from_secs(2))
+            .batching(false)
+            .connect()
+            .await?;
         let naive = connections(&url, 1).await?;
-        Ok::<_, BoxError>((store, naive))
+        Ok::<_, BoxError>((store, unbatched, naive))
     })?;
     // Warm up: connections, the script cache, the server's allocator.
     runtime.block_on(tollgate_load(&store, 3, 16, Duration::from_millis(200)))?;
+    runtime.block_on(tollgate_load(&unbatched, 3, 16, Duration::from_millis(200)))?;
+    // Batching on against off, after the rows against the peers.
+    let mut batching_rows = Vec::new();
     let mut rows = Vec::new();
     // The client's CPU time per decision, after the throughput rows.
     let mut cpu_rows = Vec::new();
@@ -418,9 +429,11 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             let (mut ours, mut ceiling, mut naive_runs, mut pooled_runs) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut our_cpu, mut naive_cpu) = (Vec::new(), Vec::new());
+            let mut off_runs = Vec::new();
             for _ in 0..rounds {
                 let (run, cpu) = with_cpu(&runtime, tollgate_load(&store, n, tasks, duration))?;
                 our_cpu.push(cpu);
+                off_runs.push(runtime.block_on(tollgate_load(&unbatched, n, tasks, duration))?);
                 // As many requests as tollgate did in the same time, so both run about as long.
                 let requests = ((run.per_sec * duration.as_secs_f64()) as u64).max(2_000);
                 ours.push(run);
@@ -443,6 +456,15 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
                 if tasks == 1 { "" } else { "s" },
             );
             let case = format!("{label} (decisions/s)");
+            let off = median_load(&off_runs);
+            eprintln!("  {label}: batching on {}, off {}", ours.text(), off.text());
+            batching_rows.push(Row {
+                case: format!("{label}, batching on vs off (decisions/s)"),
+                tollgate: ours.text(),
+                peer: "tollgate, batching off (one call per decision)".to_owned(),
+                peer_value: off.text(),
+                ratio: throughput_ratio(ours.per_sec, off.per_sec),
+            });
             if let (Some(ours), Some(naive)) = (median_cpu(&our_cpu), median_cpu(&naive_cpu)) {
                 let us = |v: f64| format!("{:.2} µs", v * 1e6);
                 cpu_rows.push(Row {
@@ -489,9 +511,11 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
             }
         }
     }
+    rows.extend(batching_rows);
     rows.extend(cpu_rows);
+    // One decision per call, so the command time per call is the time per decision.
     rows.extend(redis_cpu_rows(
-        &runtime, &server, &store, &naive[0], rounds, duration,
+        &runtime, &server, &unbatched, &naive[0], rounds, duration,
     )?);
     Ok(rows)
 }

@@ -16,19 +16,18 @@
 -- fast_decide(KEYS, ARGV): the call's keys and arguments (named as the EVAL globals they are on
 -- that path); the packed reply, or nil when the call is not one for the fast path.
 --
--- Two layouts reach it. The store sends the compact one, mode 'd', for every decision it knows to
--- be one for this path (token buckets only, distinct keys): ARGV = 'd', now ('' = TIME),
--- deadline, then limit, interval (µs) and cost per key; 3 + 3n arguments instead of 6 + 7n, and
--- nothing to check here. A 'decide' in the general layout (see tollgate.lua) whose limits qualify
--- is answered here too, after the check.
+-- Three layouts reach it. The store sends the compact one, mode 'd', for every decision it knows
+-- to be one for this path (token buckets only, distinct keys) when it does not batch: ARGV = 'd',
+-- now ('' = TIME), deadline, then limit, interval (µs) and cost per key; 3 + 3n arguments instead
+-- of 6 + 7n, and nothing to check here. With batching on it sends the same decisions as a batch,
+-- mode 'b' (see batch() below), one or several per call. A 'decide' in the general layout (see
+-- tollgate.lua) whose limits qualify is answered here too, after the check.
 local FAST = 5
 
--- The fast path proper, over n token buckets: limit i's limit at ARGV[limit_at + (i - 1) * stride],
--- its interval right after, its cost `cost_off` after the limit; the deadline at
--- ARGV[deadline_at].
-local function fast_path(KEYS, ARGV, n, limit_at, stride, cost_off, deadline_at)
-  local now = call_time(ARGV)
-  local deadline = tonumber(ARGV[deadline_at])
+-- The fast path proper, over n token buckets: the keys keys[k0 + 1 .. k0 + n]; limit i's limit at
+-- argv[limit_at + (i - 1) * stride], its interval right after, its cost `cost_off` after the
+-- limit; `deadline` on the server's clock (nil or 0: none), `now` the call's time.
+local function fast_path(keys, k0, n, argv, limit_at, stride, cost_off, deadline, now)
   if deadline ~= nil and deadline ~= 0 and now > deadline then
     return late_reply(now, n)
   end
@@ -36,9 +35,9 @@ local function fast_path(KEYS, ARGV, n, limit_at, stride, cost_off, deadline_at)
   -- than an MGET of one.
   local vals
   if n == 1 then
-    vals = { redis.pcall('GET', KEYS[1]) }
+    vals = { redis.pcall('GET', keys[k0 + 1]) }
   else
-    vals = redis.call('MGET', unpack(KEYS))
+    vals = redis.call('MGET', unpack(keys, k0 + 1, k0 + n))
   end
   local out, nexts, all = { FAST, now, 1 }, {}, true
   for i = 1, n do
@@ -52,7 +51,7 @@ local function fast_path(KEYS, ARGV, n, limit_at, stride, cost_off, deadline_at)
     -- token_bucket(tat, now, limit, t, cost): admitted iff the cost fits the burst and the
     -- bucket, used up to max(tat - now, 0), has room for t * cost more within tau = t * limit.
     local p = limit_at + (i - 1) * stride
-    local limit, t, cost = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + cost_off])
+    local limit, t, cost = tonumber(argv[p]), tonumber(argv[p + 1]), tonumber(argv[p + cost_off])
     local used = tat - now
     if used < 0 then
       used = 0
@@ -70,7 +69,7 @@ local function fast_path(KEYS, ARGV, n, limit_at, stride, cost_off, deadline_at)
     for i = 1, n do
       local next_tat = nexts[i]
       if next_tat ~= nil and next_tat ~= out[3 + i] then
-        write_state(KEYS[i], 'b:' .. fmt(next_tat), next_tat, now)
+        write_state(keys[k0 + i], 'b:' .. fmt(next_tat), next_tat, now)
       end
     end
   else
@@ -79,11 +78,40 @@ local function fast_path(KEYS, ARGV, n, limit_at, stride, cost_off, deadline_at)
   return packed(out)
 end
 
+-- A batch, mode 'b': several independent decisions of one client, each as the compact layout
+-- would send it alone. ARGV = 'b', now ('' = TIME, read once for the whole batch), then per
+-- decision its key count n, its deadline (0 = none) and limit, interval (µs) and cost per key;
+-- KEYS = every decision's keys, in the same order. Each decision is decided in turn, all or
+-- nothing on its own keys (a later one reads what an earlier one wrote, as if they had come one
+-- after the other), and answers exactly what the compact layout answers for it alone; the reply
+-- is the array of those answers. A decision past its own deadline answers late and writes
+-- nothing; the others go on.
+local function batch(KEYS, ARGV)
+  local now = call_time(ARGV)
+  local replies, k0, p, argc = {}, 0, 3, #ARGV
+  while p <= argc do
+    local n, deadline = tonumber(ARGV[p]), tonumber(ARGV[p + 1])
+    if n == nil or n < 1 or deadline == nil or p + 1 + 3 * n > argc or k0 + n > #KEYS then
+      return redis.error_reply('tollgate: malformed batch at argument ' .. p)
+    end
+    replies[#replies + 1] = fast_path(KEYS, k0, n, ARGV, p + 2, 3, 2, deadline, now)
+    k0 = k0 + n
+    p = p + 2 + 3 * n
+  end
+  if k0 ~= #KEYS then
+    return redis.error_reply('tollgate: a batch of ' .. k0 .. ' keys given ' .. #KEYS)
+  end
+  return replies
+end
+
 local function fast_decide(KEYS, ARGV)
   local n = #KEYS
   local mode = ARGV[1]
   if mode == 'd' then
-    return fast_path(KEYS, ARGV, n, 4, 3, 2, 3)
+    return fast_path(KEYS, 0, n, ARGV, 4, 3, 2, tonumber(ARGV[3]), call_time(ARGV))
+  end
+  if mode == 'b' then
+    return batch(KEYS, ARGV)
   end
   if mode ~= 'decide' or n == 0 then
     return nil
@@ -102,5 +130,5 @@ local function fast_decide(KEYS, ARGV)
   end
   -- The general layout: limit i's algorithm at 7 + 7(i - 1), then limit, interval, max_delay,
   -- cost; the deadline at 6.
-  return fast_path(KEYS, ARGV, n, 8, 7, 3, 6)
+  return fast_path(KEYS, 0, n, ARGV, 8, 7, 3, tonumber(ARGV[6]), call_time(ARGV))
 end

@@ -15,7 +15,7 @@ use tollgate_core::{
     Reservation, Reserve, StoreError, Verdict,
 };
 
-use crate::protocol::{Budget, Item, LeaseArgs, Row, micros, protocol};
+use crate::protocol::{Budget, Item, LeaseArgs, Row, fast_eligible, micros, protocol};
 use crate::script::Mode;
 use crate::store::RedisStore;
 
@@ -136,6 +136,13 @@ impl RedisStore {
         let deadline = self.deadline();
         if let [only] = groups.as_slice() {
             debug_assert_eq!(only.len(), items.len());
+            if self.inner.batching && lease.is_none() && !items.is_empty() && fast_eligible(&items)
+            {
+                let answer = self.decide_batched(&items, deadline).await?;
+                return Ok(Verdict::new(
+                    answer.rows.iter().map(|r| r.decision).collect(),
+                ));
+            }
             let answer = self
                 .call(mode(only), &items, id, 0, 0, Budget::guarded(deadline))
                 .await?;

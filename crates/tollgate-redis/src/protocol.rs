@@ -10,6 +10,7 @@ use tollgate_core::{
     StoreErrorKind, Timestamp,
 };
 
+use crate::batch::{BatchReply, Member};
 use crate::deadline::ClockOffset;
 use crate::script::{LEASE_CODE, LIBRARY, Mode, SCRIPT, algorithm_code};
 use crate::store::{Connection, RedisStore};
@@ -313,21 +314,79 @@ impl ArgSink for redis::ScriptInvocation<'_> {
     }
 }
 
+/// Whether a decision over `items` is one for the script's fast path: token buckets only (no
+/// lease), on distinct keys. Such a decision is also one that can be batched.
+pub(crate) fn fast_eligible(items: &[Item<'_>]) -> bool {
+    items.iter().enumerate().all(|(i, item)| {
+        item.lease.is_none()
+            && item.limit.quota.algorithm() == tollgate_core::Algorithm::TokenBucket
+            && items[..i].iter().all(|other| other.key != item.key)
+    })
+}
+
+/// The `KEYS` and `ARGV` of one script call, as [`RedisStore::run`] sends them.
+trait ScriptArgs {
+    fn key_count(&self) -> usize;
+    fn for_each_key(&self, f: impl FnMut(&str));
+    fn push_to(&self, sink: &mut impl ArgSink);
+}
+
+/// The `ARGV` of a batch (mode `b` of `lua/fast_path.lua`): 'b', now, then per decision its key
+/// count, its deadline, and limit, interval (µs) and cost per key. `KEYS` are every decision's
+/// keys, in order.
+struct BatchArgs<'a> {
+    now: String,
+    members: &'a [&'a Member],
+}
+
+impl ScriptArgs for BatchArgs<'_> {
+    fn key_count(&self) -> usize {
+        self.members.iter().map(|m| m.keys.len()).sum()
+    }
+
+    fn for_each_key(&self, mut f: impl FnMut(&str)) {
+        for key in self.members.iter().flat_map(|m| &m.keys) {
+            f(key);
+        }
+    }
+
+    fn push_to(&self, sink: &mut impl ArgSink) {
+        sink.push("b");
+        sink.push(&self.now);
+        for member in self.members {
+            sink.push(member.keys.len());
+            sink.push(member.server_deadline);
+            for &arg in &member.args {
+                sink.push(arg);
+            }
+        }
+    }
+}
+
+impl ScriptArgs for CallArgs<'_> {
+    fn key_count(&self) -> usize {
+        self.items.len()
+    }
+
+    fn for_each_key(&self, mut f: impl FnMut(&str)) {
+        for item in self.items {
+            f(&item.key);
+        }
+    }
+
+    fn push_to(&self, sink: &mut impl ArgSink) {
+        self.push_call(sink);
+    }
+}
+
 impl CallArgs<'_> {
     /// Whether the call is one for the script's fast path (`lua/fast_path.lua`): a decision over
     /// token buckets only, on distinct keys. It then goes in the compact layout.
     fn is_fast(&self) -> bool {
-        self.mode == Mode::Decide
-            && self.arg4 == 0
-            && self.floor == 0
-            && self.items.iter().enumerate().all(|(i, item)| {
-                item.lease.is_none()
-                    && item.limit.quota.algorithm() == tollgate_core::Algorithm::TokenBucket
-                    && self.items[..i].iter().all(|other| other.key != item.key)
-            })
+        self.mode == Mode::Decide && self.arg4 == 0 && self.floor == 0 && fast_eligible(self.items)
     }
 
-    fn push_to(&self, sink: &mut impl ArgSink) {
+    fn push_call(&self, sink: &mut impl ArgSink) {
         if self.is_fast() {
             // 'd', now, deadline, then limit, interval (µs) and cost per key.
             sink.push("d");
@@ -435,18 +494,18 @@ impl RedisStore {
     /// A server without the library (restarted, `FUNCTION FLUSH`, a new node) answers "Function
     /// not found": the call had not run, so the library is loaded (`FUNCTION LOAD REPLACE`) and
     /// the call sent once more, as `EVALSHA` does on `NOSCRIPT`. Nothing else is ever resent.
-    async fn run<C: ConnectionLike>(
+    async fn run<C: ConnectionLike, T: redis::FromRedisValue>(
         &self,
         conn: &mut C,
-        args: &CallArgs<'_>,
-    ) -> Result<Vec<u8>, StoreError> {
+        args: &impl ScriptArgs,
+    ) -> Result<T, StoreError> {
         if self.inner.scripting.uses_functions() {
             let library = &*LIBRARY;
             let mut fcall = redis::cmd("FCALL");
-            fcall.arg(&library.name).arg(args.items.len());
-            for item in args.items {
-                fcall.arg(&item.key);
-            }
+            fcall.arg(&library.name).arg(args.key_count());
+            args.for_each_key(|key| {
+                fcall.arg(key);
+            });
             args.push_to(&mut fcall);
             let refused = match fcall.query_async(conn).await {
                 Ok(reply) => return Ok(reply),
@@ -469,9 +528,9 @@ impl RedisStore {
             }
         }
         let mut invocation = SCRIPT.prepare_invoke();
-        for item in args.items {
-            invocation.key(&item.key);
-        }
+        args.for_each_key(|key| {
+            invocation.key(key);
+        });
         args.push_to(&mut invocation);
         invocation.invoke_async(conn).await.map_err(map_error)
     }
@@ -516,7 +575,7 @@ impl RedisStore {
             items,
         };
         let sent = Instant::now();
-        let reply = self
+        let reply: Vec<u8> = self
             .within(budget.deadline, async {
                 match self.inner.conn.clone() {
                     Connection::Standalone(mut c) => self.run(&mut c, &args).await,
@@ -525,12 +584,26 @@ impl RedisStore {
                 }
             })
             .await?;
-        let mut answer = parse(&unpack(&reply, items.len())?, items.len())?;
+        self.finish(&reply, items, offset, sent, Instant::now())
+    }
+
+    /// Reads the packed `reply` of a call over `items` sent at `sent` and answered at
+    /// `received`, learning the server's clock offset from it. A call the server ran after its
+    /// deadline is a timeout (it wrote nothing).
+    fn finish(
+        &self,
+        reply: &[u8],
+        items: &[Item<'_>],
+        offset: &ClockOffset,
+        sent: Instant,
+        received: Instant,
+    ) -> Result<Answer, StoreError> {
+        let mut answer = parse(&unpack(reply, items.len())?, items.len())?;
         if answer.fast.is_some() {
             answer = Self::expand_fast(answer, items)?;
         }
         if self.inner.clock.is_none() {
-            offset.observe(sent, Instant::now(), answer.now);
+            offset.observe(sent, received, answer.now);
         }
         if answer.status == LATE {
             return Err(StoreError::new(
@@ -539,6 +612,72 @@ impl RedisStore {
             ));
         }
         Ok(answer)
+    }
+
+    /// A decision over `items` (one for the fast path, in one slot, at least one limit) through
+    /// its connection's batch queue (`crate::batch`): sent at once when nothing is in flight,
+    /// else with the decisions queued behind the call in flight. Answers by `deadline`.
+    pub(crate) async fn decide_batched(
+        &self,
+        items: &[Item<'_>],
+        deadline: Instant,
+    ) -> Result<Answer, StoreError> {
+        let offset = self.offset(items);
+        let server_deadline = if self.inner.clock.is_none() {
+            offset.server_deadline(deadline)
+        } else {
+            0
+        };
+        let mut args = Vec::with_capacity(3 * items.len());
+        for item in items {
+            let q = item.limit.quota;
+            args.extend([u64::from(q.limit()), q.interval_micros(), item.cost]);
+        }
+        let member = Member {
+            keys: items.iter().map(|item| item.key.clone()).collect(),
+            args,
+            deadline,
+            server_deadline,
+        };
+        let lane = self.inner.lanes.of(&items[0].key);
+        let delivered = crate::batch::submit(lane, self, member).await?;
+        self.finish(
+            &delivered.reply,
+            items,
+            offset,
+            delivered.sent,
+            delivered.received,
+        )
+    }
+
+    /// One batch call over `members` (all in one slot): their packed answers, in order. Not
+    /// bounded in time by itself: the caller runs it within the batch's deadline.
+    pub(crate) async fn send_batch(&self, members: &[&Member]) -> Result<BatchReply, StoreError> {
+        let now = self
+            .inner
+            .clock
+            .as_ref()
+            .map_or(String::new(), |c| c.now().as_micros().to_string());
+        let args = BatchArgs { now, members };
+        let sent = Instant::now();
+        let replies: Vec<Vec<u8>> = match self.inner.conn.clone() {
+            Connection::Standalone(mut c) => self.run(&mut c, &args).await,
+            Connection::Cluster(mut c) => self.run(&mut c, &args).await,
+            Connection::Sentinel(mut c) => self.run(&mut c, &args).await,
+        }?;
+        let received = Instant::now();
+        if replies.len() != members.len() {
+            return Err(protocol(format!(
+                "unexpected script reply: {} answers for a batch of {} decisions",
+                replies.len(),
+                members.len()
+            )));
+        }
+        Ok(BatchReply {
+            replies,
+            sent,
+            received,
+        })
     }
 
     /// The limits as the script sees them, under their Redis keys.
@@ -790,6 +929,49 @@ mod tests {
             assert_eq!(&sent[7..14], ["0", "10", "100000", "0", "1", "0", "0"]);
             assert_eq!(&sent[14..], ["5", "3", "300000", "1000000", "1", "0", "0"]);
         }
+    }
+
+    /// A batch goes as mode 'b': now, then per decision its key count, its server deadline, and
+    /// limit, interval and cost per key; its keys are every decision's, in order.
+    #[test]
+    fn a_batch_is_sent_as_the_script_reads_it() {
+        let later = Instant::now();
+        let one = Member {
+            keys: vec!["p:a".to_owned()],
+            args: vec![10, 100_000, 1],
+            deadline: later,
+            server_deadline: 7,
+        };
+        let two = Member {
+            keys: vec!["p:b".to_owned(), "p:c".to_owned()],
+            args: vec![5, 200_000, 2, 3, 300_000, 0],
+            deadline: later,
+            server_deadline: 0,
+        };
+        let args = BatchArgs {
+            now: String::new(),
+            members: &[&one, &two],
+        };
+        assert_eq!(args.key_count(), 3);
+        let mut keys = Vec::new();
+        args.for_each_key(|k| keys.push(k.to_owned()));
+        assert_eq!(keys, ["p:a", "p:b", "p:c"]);
+        let mut cmd = redis::cmd("FCALL");
+        args.push_to(&mut cmd);
+        let sent: Vec<String> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                other => panic!("an argument that is not bytes: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            &sent[1..],
+            [
+                "b", "", "1", "7", "10", "100000", "1", "2", "0", "5", "200000", "2", "3",
+                "300000", "0"
+            ]
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tollgate_core::{
     StoreErrorKind, Verdict,
 };
 
+use crate::batch::Lanes;
 use crate::cluster::lease_member;
 
 use crate::deadline::ClockOffsets;
@@ -55,6 +56,10 @@ pub(crate) struct Inner {
     pub(crate) offsets: ClockOffsets,
     /// `FCALL` or `EVALSHA`.
     pub(crate) scripting: ScriptingState,
+    /// Whether fast-path decisions are batched ([`RedisStoreBuilder::batching`]).
+    pub(crate) batching: bool,
+    /// The batch queues, one per connection (per slot on a cluster): see [`crate::batch`].
+    pub(crate) lanes: Lanes,
 }
 
 #[derive(Clone)]
@@ -210,6 +215,7 @@ pub struct RedisStoreBuilder {
     connect_timeout: Duration,
     clock: Option<Arc<dyn Clock>>,
     scripting: Scripting,
+    batching: bool,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -223,6 +229,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("scripting", &self.scripting)
+            .field("batching", &self.batching)
             .finish_non_exhaustive()
     }
 }
@@ -270,6 +277,17 @@ impl RedisStoreBuilder {
     /// EVALSHA" in the [crate docs](crate).
     pub fn scripting(mut self, scripting: Scripting) -> Self {
         self.scripting = scripting;
+        self
+    }
+
+    /// Whether decisions waiting on the same connection go out together (default `true`): while
+    /// a script call is in flight, the token-bucket decisions that arrive queue up, and when it
+    /// completes they go out as one call that decides each of them on its own, all or nothing on
+    /// its own limits. A decision that finds nothing in flight is sent at once, never held back
+    /// for company. With `false`, every decision is a script call of its own. See "Batching" in
+    /// the [crate docs](crate).
+    pub fn batching(mut self, on: bool) -> Self {
+        self.batching = on;
         self
     }
 
@@ -350,6 +368,8 @@ impl RedisStoreBuilder {
                 clock: self.clock,
                 ids: CallIds::new(),
                 scripting: ScriptingState::new(self.scripting),
+                batching: self.batching,
+                lanes: Lanes::new(self.cluster),
                 offsets: if self.cluster {
                     ClockOffsets::cluster()
                 } else {
@@ -382,6 +402,7 @@ impl RedisStore {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             clock: None,
             scripting: Scripting::Auto,
+            batching: true,
         }
     }
 
