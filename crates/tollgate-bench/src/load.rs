@@ -17,6 +17,8 @@ pub(crate) struct Load {
     pub(crate) p50: Duration,
     /// 99th percentile latency.
     pub(crate) p99: Duration,
+    /// How many calls completed (0 where the generator does not say).
+    pub(crate) calls: u64,
 }
 
 impl Load {
@@ -72,6 +74,7 @@ where
         per_sec: all.len() as f64 / elapsed.as_secs_f64(),
         p50: percentile(&all, 50.0),
         p99: percentile(&all, 99.0),
+        calls: all.len() as u64,
     })
 }
 
@@ -91,5 +94,6 @@ pub(crate) fn median_load(loads: &[Load]) -> Load {
         per_sec: field(|l| l.per_sec),
         p50: Duration::from_secs_f64(field(|l| l.p50.as_secs_f64())),
         p99: Duration::from_secs_f64(field(|l| l.p99.as_secs_f64())),
+        calls: field(|l| l.calls as f64) as u64,
     }
 }

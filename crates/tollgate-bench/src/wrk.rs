@@ -113,6 +113,7 @@ pub(crate) fn parse_wrk(text: &str) -> Option<Load> {
         per_sec,
         p50: wrk_duration(field("50%")?)?,
         p99: wrk_duration(field("99%")?)?,
+        calls: 0,
     })
 }
 
