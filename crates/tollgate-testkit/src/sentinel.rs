@@ -201,16 +201,47 @@ impl RedisSentinel {
         }
     }
 
+    /// Waits until every running sentinel reports the same master, whichever it is, and that
+    /// node says it is a master; returns its address. For a group a fault may have left in
+    /// either state (a frozen master replaced, or back in its place).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotReady`] (with every log tail) if that does not happen within `timeout`.
+    pub fn wait_for_master(&mut self, timeout: Duration) -> Result<SocketAddr> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.agreed_master(None) {
+                Ok(addr) => return Ok(addr),
+                Err(why) if Instant::now() >= deadline => {
+                    return Err(self.not_ready(format!(
+                        "the sentinels agree on no master within {timeout:?}: {why}"
+                    )));
+                }
+                Err(_) => thread::sleep(POLL_INTERVAL),
+            }
+        }
+    }
+
     /// The master every running sentinel agrees on, if it is not `old` and says it is one.
     fn new_master(&mut self, old: SocketAddr) -> std::result::Result<SocketAddr, String> {
+        self.agreed_master(Some(old))
+    }
+
+    /// The master every running sentinel agrees on, if it is not `old` (when given) and says it
+    /// is one.
+    fn agreed_master(
+        &mut self,
+        old: Option<SocketAddr>,
+    ) -> std::result::Result<SocketAddr, String> {
         let mut agreed = None;
         for sentinel in &mut self.sentinels {
             if !sentinel.is_running() {
                 continue;
             }
             let addr = master_addr_of(sentinel)?;
-            if addr == old {
-                return Err(format!("sentinel {} still reports {old}", sentinel.port()));
+            if Some(addr) == old {
+                return Err(format!("sentinel {} still reports {addr}", sentinel.port()));
             }
             if agreed.is_some_and(|a| a != addr) {
                 return Err(format!("sentinels disagree: {agreed:?} and {addr}"));
