@@ -145,23 +145,27 @@ impl<C: Clock> MemoryStore<C> {
 
     /// [`Store::peek`] without the future.
     pub fn peek_now(&self, limits: &[Limit<'_>]) -> Verdict {
-        let now = self.now();
-        let mut locked = self.lock_all(limits);
-        let decisions = limits
-            .iter()
-            .enumerate()
-            .map(|(i, limit)| {
-                let (table, hash) = locked.table(i);
-                let state = table.state(hash, limit.key, limit.quota, now);
-                algorithm::decide(state.as_deref(), now, limit.quota, limit.cost).0
-            })
-            .collect();
-        Verdict::new(decisions)
+        self.report_now(limits, |d, _| d)
     }
 
     /// The limits as a denial reports them, charging nothing: a limit that would deny gives its
     /// denial, one that would pass its state as it stands (a peek at cost 0).
     pub(super) fn stand_now(&self, limits: &[Limit<'_>]) -> Verdict {
+        self.report_now(
+            limits,
+            |d, as_it_stands| {
+                if d.is_allowed() { as_it_stands() } else { d }
+            },
+        )
+    }
+
+    /// Each limit's decision at its cost, charging nothing, passed through `pick` with a way to
+    /// get the decision at cost 0 instead.
+    fn report_now(
+        &self,
+        limits: &[Limit<'_>],
+        pick: impl Fn(Decision, &dyn Fn() -> Decision) -> Decision,
+    ) -> Verdict {
         let now = self.now();
         let mut locked = self.lock_all(limits);
         let decisions = limits
@@ -170,12 +174,10 @@ impl<C: Clock> MemoryStore<C> {
             .map(|(i, limit)| {
                 let (table, hash) = locked.table(i);
                 let state = table.state(hash, limit.key, limit.quota, now);
-                let d = algorithm::decide(state.as_deref(), now, limit.quota, limit.cost).0;
-                if d.is_allowed() {
+                let at_cost = algorithm::decide(state.as_deref(), now, limit.quota, limit.cost).0;
+                pick(at_cost, &|| {
                     algorithm::decide(state.as_deref(), now, limit.quota, 0).0
-                } else {
-                    d
-                }
+                })
             })
             .collect();
         Verdict::new(decisions)

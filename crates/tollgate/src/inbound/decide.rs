@@ -278,7 +278,7 @@ impl Shared {
         // when it denies.
         let binding = if verdict.is_allowed() {
             let decisions = verdict.decisions();
-            decisions[..rates.clamp(1, decisions.len().max(1)).min(decisions.len())]
+            decisions[..rates.min(decisions.len())]
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, d)| d.remaining)

@@ -9,8 +9,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tollgate_core::{
-    DynStore, Lease, LeaseId, Leased, Limit, MemoryStore, Quota, Reservation, Reserve, Store,
-    StoreError, Verdict,
+    DynStore, Lease, LeaseId, Leased, Limit, MemoryStore, Quota, Reservation, Reserve, StoreError,
+    Verdict,
 };
 
 use super::breaker::{Admission, BreakerConfig, CircuitBreaker};
@@ -192,7 +192,7 @@ impl GuardedStore {
             Ok(leased) => Guarded::Store(leased),
             Err(error) => {
                 self.failed(&error, Admission::Store);
-                self.unavailable(|fallback| local_leased(fallback, limits, lease))
+                self.unavailable(|fallback| fallback.decide_leased_now(limits, lease))
             }
         })
     }
@@ -206,7 +206,7 @@ impl GuardedStore {
         lease: &Lease<'_>,
     ) -> Guarded<Leased> {
         self.call(self.store.decide_leased_boxed(limits, lease), |fallback| {
-            local_leased(fallback, limits, lease)
+            fallback.decide_leased_now(limits, lease)
         })
         .await
     }
@@ -214,11 +214,11 @@ impl GuardedStore {
     /// Gives a lease back without waiting, if it can: taken in the fallback (`local`), or in a
     /// store that needs no I/O. `false` when it needs [`release`](Self::release).
     pub(crate) fn release_now(&self, key: &str, id: LeaseId, local: bool) -> bool {
-        let result = if local {
-            Store::release_now(&self.fallback, key, id)
-        } else {
-            self.store.release_now_dyn(key, id)
-        };
+        if local {
+            self.fallback.release_now(key, id);
+            return true;
+        }
+        let result = self.store.release_now_dyn(key, id);
         match result {
             Some(Ok(())) => true,
             Some(Err(error)) => {
@@ -368,24 +368,5 @@ impl GuardedStore {
         } else {
             0.0
         });
-    }
-}
-
-/// The fallback's lease decision. The in-memory store always answers at once; should it not, the
-/// request is decided without a lease, and the log says so.
-fn local_leased(fallback: &MemoryStore, limits: &[Limit<'_>], lease: &Lease<'_>) -> Leased {
-    match Store::decide_leased_now(fallback, limits, lease) {
-        Some(Ok(leased)) => leased,
-        other => {
-            let error = match other {
-                Some(Err(error)) => error.to_string(),
-                _ => "no answer".to_owned(),
-            };
-            tracing::error!(%error, "the local fallback cannot take a concurrency lease; deciding without one");
-            Leased {
-                verdict: fallback.decide_now(limits),
-                lease: None,
-            }
-        }
     }
 }
