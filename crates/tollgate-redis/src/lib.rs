@@ -195,7 +195,17 @@
 //! * that call decides each of its decisions in turn, each all or nothing on its own limits,
 //!   exactly as it would alone (the same token bucket, the same compact reply, each read of a
 //!   key after the writes of the decisions before it): one decision's denial never affects
-//!   another's, and a burst is as exact as without batching.
+//!   another's, and a burst is as exact as without batching;
+//! * inside the call, a key is read once and written once, however many of the batch's
+//!   decisions pass through it: one `MGET` of the batch's distinct keys, the decisions in turn on
+//!   those states, then one `SET` per key the batch changed, with the state (and the TTL) its
+//!   last decision left, which is what one call per decision would have left. Where decisions
+//!   share a key, as every request shares a service-wide limit and a busy caller's requests
+//!   share its bucket, this is most of what batching saves Redis;
+//! * the batch travels packed: its distinct keys once, and one string of 64-bit integers for
+//!   every decision's numbers (each key named by its place among the keys); the reply is one
+//!   string too. Redis then parses three arguments and builds one reply per call, not five
+//!   arguments and a reply per decision.
 //!
 //! **What is batched**: `decide` over token buckets only, on distinct keys, in one slot: the
 //! fast path's decisions, the common inbound case. Everything else keeps a call of its own:
@@ -213,9 +223,9 @@
 //! the caller gave up on. A batch call that fails gives each of its decisions the error (a
 //! timeout, an unavailable server, a protocol error), and the caller's failure policy answers
 //! each. A batch whose outcome is unknown (a timeout, a connection lost after sending) is
-//! **never sent again**, as for a single call. A script error partway through a batch (an
-//! out-of-memory refusal of a write, say) leaves the charges of the decisions before it and
-//! fails them all: an error toward denial. (On a cluster, redis-rs' own retry of a request
+//! **never sent again**, as for a single call. A malformed batch is refused before anything is
+//! written. A script error during the batch's writes (an out-of-memory refusal of a `SET`, say)
+//! leaves the keys written before it charged and fails every decision: an error toward denial. (On a cluster, redis-rs' own retry of a request
 //! whose connection dropped, see "Failures", applies to a batch as to a single call.)
 //!
 //! The cost at low load is the queue itself, a lock and no wait; the bench (`tollgate-bench

@@ -2,6 +2,7 @@
 //! `lua/tollgate.lua` reads them) and the reply it reads back, checked value by value. A reply the
 //! client does not understand is a [`StoreError`], never a plausible decision.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
@@ -331,21 +332,47 @@ trait ScriptArgs {
     fn push_to(&self, sink: &mut impl ArgSink);
 }
 
-/// The `ARGV` of a batch (mode `b` of `lua/fast_path.lua`): 'b', now, then per decision its key
-/// count, its deadline, and limit, interval (µs) and cost per key. `KEYS` are every decision's
-/// keys, in order.
+/// A batch call (mode `b` of `lua/fast_path.lua`): `KEYS` are the batch's distinct keys, `ARGV`
+/// 'b', now, then one string of little-endian 64-bit integers: per decision its key count and its
+/// deadline, then per key its place in `KEYS` (from 1), limit, interval (µs) and cost.
 struct BatchArgs<'a> {
     now: String,
-    members: &'a [&'a Member],
+    keys: Vec<&'a str>,
+    packed: Vec<u8>,
+}
+
+impl<'a> BatchArgs<'a> {
+    fn new(now: String, members: &[&'a Member]) -> Self {
+        let words: usize = members.iter().map(|m| 2 + 4 * m.keys.len()).sum();
+        let mut packed = Vec::with_capacity(8 * words);
+        let mut keys: Vec<&'a str> = Vec::new();
+        let mut places: HashMap<&'a str, u64> = HashMap::new();
+        let put = |packed: &mut Vec<u8>, v: u64| packed.extend_from_slice(&v.to_le_bytes());
+        for member in members {
+            put(&mut packed, member.keys.len() as u64);
+            put(&mut packed, member.server_deadline);
+            for (key, args) in member.keys.iter().zip(member.args.chunks_exact(3)) {
+                let place = *places.entry(key.as_str()).or_insert_with(|| {
+                    keys.push(key.as_str());
+                    keys.len() as u64
+                });
+                put(&mut packed, place);
+                for &arg in args {
+                    put(&mut packed, arg);
+                }
+            }
+        }
+        BatchArgs { now, keys, packed }
+    }
 }
 
 impl ScriptArgs for BatchArgs<'_> {
     fn key_count(&self) -> usize {
-        self.members.iter().map(|m| m.keys.len()).sum()
+        self.keys.len()
     }
 
     fn for_each_key(&self, mut f: impl FnMut(&str)) {
-        for key in self.members.iter().flat_map(|m| &m.keys) {
+        for key in &self.keys {
             f(key);
         }
     }
@@ -353,14 +380,41 @@ impl ScriptArgs for BatchArgs<'_> {
     fn push_to(&self, sink: &mut impl ArgSink) {
         sink.push("b");
         sink.push(&self.now);
-        for member in self.members {
-            sink.push(member.keys.len());
-            sink.push(member.server_deadline);
-            for &arg in &member.args {
-                sink.push(arg);
-            }
-        }
+        sink.push(self.packed.as_slice());
     }
+}
+
+/// Splits a batch's reply, per decision the count of its values and then those values (8 bytes
+/// each), into each decision's answer, in order.
+fn split_batch(reply: &[u8], decisions: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    let mut answers = Vec::with_capacity(decisions);
+    let mut rest = reply;
+    while let Some((head, tail)) = rest.split_first_chunk::<8>() {
+        let bytes = usize::try_from(i64::from_le_bytes(*head))
+            .ok()
+            .and_then(|count| count.checked_mul(8))
+            .filter(|&bytes| bytes <= tail.len())
+            .ok_or_else(|| {
+                protocol(format!(
+                    "unexpected script reply: answer {} of a batch of {decisions} overruns the \
+                     reply of {} bytes",
+                    answers.len() + 1,
+                    reply.len()
+                ))
+            })?;
+        let (answer, tail) = tail.split_at(bytes);
+        answers.push(answer.to_vec());
+        rest = tail;
+    }
+    if !rest.is_empty() || answers.len() != decisions {
+        return Err(protocol(format!(
+            "unexpected script reply: {} answers ({} bytes left over) for a batch of {decisions} \
+             decisions",
+            answers.len(),
+            rest.len()
+        )));
+    }
+    Ok(answers)
 }
 
 impl ScriptArgs for CallArgs<'_> {
@@ -658,21 +712,15 @@ impl RedisStore {
             .clock
             .as_ref()
             .map_or(String::new(), |c| c.now().as_micros().to_string());
-        let args = BatchArgs { now, members };
+        let args = BatchArgs::new(now, members);
         let sent = Instant::now();
-        let replies: Vec<Vec<u8>> = match self.inner.conn.clone() {
+        let reply: Vec<u8> = match self.inner.conn.clone() {
             Connection::Standalone(mut c) => self.run(&mut c, &args).await,
             Connection::Cluster(mut c) => self.run(&mut c, &args).await,
             Connection::Sentinel(mut c) => self.run(&mut c, &args).await,
         }?;
         let received = Instant::now();
-        if replies.len() != members.len() {
-            return Err(protocol(format!(
-                "unexpected script reply: {} answers for a batch of {} decisions",
-                replies.len(),
-                members.len()
-            )));
-        }
+        let replies = split_batch(&reply, members.len())?;
         Ok(BatchReply {
             replies,
             sent,
@@ -931,8 +979,9 @@ mod tests {
         }
     }
 
-    /// A batch goes as mode 'b': now, then per decision its key count, its server deadline, and
-    /// limit, interval and cost per key; its keys are every decision's, in order.
+    /// A batch goes as mode 'b': now, then one packed string, per decision its key count and its
+    /// server deadline, then per key its place among the batch's distinct keys, limit, interval
+    /// and cost; the keys are the distinct ones, in first-seen order.
     #[test]
     fn a_batch_is_sent_as_the_script_reads_it() {
         let later = Instant::now();
@@ -943,35 +992,60 @@ mod tests {
             server_deadline: 7,
         };
         let two = Member {
-            keys: vec!["p:b".to_owned(), "p:c".to_owned()],
+            keys: vec!["p:b".to_owned(), "p:a".to_owned()],
             args: vec![5, 200_000, 2, 3, 300_000, 0],
             deadline: later,
             server_deadline: 0,
         };
-        let args = BatchArgs {
-            now: String::new(),
-            members: &[&one, &two],
-        };
-        assert_eq!(args.key_count(), 3);
+        let args = BatchArgs::new(String::new(), &[&one, &two]);
+        assert_eq!(args.key_count(), 2);
         let mut keys = Vec::new();
         args.for_each_key(|k| keys.push(k.to_owned()));
-        assert_eq!(keys, ["p:a", "p:b", "p:c"]);
+        assert_eq!(keys, ["p:a", "p:b"]);
         let mut cmd = redis::cmd("FCALL");
         args.push_to(&mut cmd);
-        let sent: Vec<String> = cmd
+        let sent: Vec<Vec<u8>> = cmd
             .args_iter()
             .map(|a| match a {
-                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                redis::Arg::Simple(bytes) => bytes.to_vec(),
                 other => panic!("an argument that is not bytes: {other:?}"),
             })
             .collect();
+        assert_eq!(sent.len(), 4);
+        assert_eq!(sent[1], b"b");
+        assert_eq!(sent[2], b"");
+        let words: Vec<u64> = sent[3]
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        assert_eq!(sent[3].len(), 8 * words.len());
         assert_eq!(
-            &sent[1..],
+            words,
             [
-                "b", "", "1", "7", "10", "100000", "1", "2", "0", "5", "200000", "2", "3",
-                "300000", "0"
+                1, 7, 1, 10, 100_000, 1, // one: p:a
+                2, 0, 2, 5, 200_000, 2, 1, 3, 300_000, 0, // two: p:b, then p:a again
             ]
         );
+    }
+
+    /// A batch's reply splits into each decision's answer by the count before it; one that
+    /// overruns, leaves bytes over or has another number of answers is refused.
+    #[test]
+    fn a_batch_reply_splits_by_its_counts_and_refuses_what_does_not_fit() {
+        let words = |w: &[i64]| -> Vec<u8> { w.iter().flat_map(|v| v.to_le_bytes()).collect() };
+        let reply = words(&[4, FAST, 9, 1, 0, 2, 7, 8]);
+        let answers = split_batch(&reply, 2).expect("two answers");
+        assert_eq!(answers, [words(&[FAST, 9, 1, 0]), words(&[7, 8])]);
+        for (bad, decisions) in [
+            (words(&[5, FAST, 9, 1, 0]), 1),
+            (words(&[-1, FAST]), 1),
+            (words(&[1, FAST]), 2),
+            (words(&[1, FAST, 1, FAST]), 1),
+            ([words(&[1, FAST]), vec![0; 3]].concat(), 1),
+        ] {
+            let e = split_batch(&bad, decisions).expect_err("refused");
+            assert!(e.to_string().contains("unexpected script reply"), "{e}");
+        }
     }
 
     #[test]

@@ -528,3 +528,220 @@ async fn batches_take_the_chosen_script_path() {
         .await;
     }
 }
+
+/// One decision of a batch as the script reads it: its deadline (server µs, 0 = none), and per key
+/// the key, limit, interval (µs) and cost.
+struct Raw {
+    deadline: u64,
+    limits: Vec<(&'static str, u64, u64, u64)>,
+}
+
+/// Runs `decisions` through the script's batch mode (EVAL of the script's source) at `now` in
+/// one call over `prefix`'s keys; the packed reply, or the server's error.
+async fn raw_batch(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    now: u64,
+    decisions: &[&Raw],
+) -> redis::RedisResult<Vec<u8>> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut packed = Vec::new();
+    for d in decisions {
+        packed.extend((d.limits.len() as u64).to_le_bytes());
+        packed.extend(d.deadline.to_le_bytes());
+        for &(key, limit, interval, cost) in &d.limits {
+            let key = format!("{prefix}{key}");
+            let place = match keys.iter().position(|k| *k == key) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(key);
+                    keys.len()
+                }
+            };
+            for v in [place as u64, limit, interval, cost] {
+                packed.extend(v.to_le_bytes());
+            }
+        }
+    }
+    redis::cmd("EVAL")
+        .arg(tollgate_redis::script_source())
+        .arg(keys.len())
+        .arg(&keys)
+        .arg("b")
+        .arg(now.to_string())
+        .arg(packed)
+        .query_async(conn)
+        .await
+}
+
+/// A reply's 64-bit words.
+fn words(reply: &[u8]) -> Vec<i64> {
+    reply
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// What Redis holds under `key`: its value and its TTL (ms).
+async fn held(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> (Option<String>, i64) {
+    let value: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("PTTL");
+    (value, ttl)
+}
+
+/// Decisions sharing keys in one batch (the key read once, kept while the decisions go through
+/// it, written once) answer and leave in Redis exactly what the same decisions leave sent one
+/// call each: admissions until a key is used up, denials that charge nothing (not even their
+/// other keys), a zero cost, a decision past its deadline that writes nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_with_shared_keys_decides_and_writes_what_one_call_each_would() {
+    let server = common::server();
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    const NOW: u64 = 1_700_000_000_000_000;
+    const SECOND: u64 = 1_000_000;
+    let on = |limits: Vec<(&'static str, u64, u64, u64)>| Raw {
+        deadline: 0,
+        limits,
+    };
+    let decisions = [
+        on(vec![("a", 2, SECOND, 1)]),
+        on(vec![("a", 2, SECOND, 1), ("b", 1, SECOND, 1)]),
+        // `a` is used up: denied, and `c` is not charged.
+        on(vec![("c", 3, SECOND, 1), ("a", 2, SECOND, 1)]),
+        on(vec![("b", 1, SECOND, 1)]),
+        on(vec![("a", 2, SECOND, 0)]),
+        Raw {
+            deadline: NOW - 1,
+            limits: vec![("c", 3, SECOND, 1)],
+        },
+        on(vec![("c", 3, SECOND, 2)]),
+        // More than the burst: never.
+        on(vec![("c", 3, SECOND, 4)]),
+        on(vec![("c", 3, SECOND, 1)]),
+    ];
+    let all: Vec<&Raw> = decisions.iter().collect();
+    let batched = words(
+        &raw_batch(&mut conn, "one:", NOW, &all)
+            .await
+            .expect("a batch"),
+    );
+    let mut alone = Vec::new();
+    for d in &all {
+        let reply = raw_batch(&mut conn, "each:", NOW, &[d]).await.expect("one");
+        alone.extend(words(&reply));
+    }
+    assert_eq!(batched, alone, "one batch against one call each");
+    // The allowed flags (the third value of each answer), in order; the late one's status.
+    let (mut at, mut verdicts) = (0, Vec::new());
+    while at < batched.len() {
+        let count = usize::try_from(batched[at]).expect("a count");
+        verdicts.push((batched[at + 1], batched[at + 3]));
+        at += 1 + count;
+    }
+    const FAST: i64 = 5;
+    const LATE: i64 = 4;
+    assert_eq!(
+        verdicts,
+        [
+            (FAST, 1),
+            (FAST, 1),
+            (FAST, 0),
+            (FAST, 0),
+            (FAST, 1),
+            (LATE, 0),
+            (FAST, 1),
+            (FAST, 0),
+            (FAST, 1),
+        ]
+    );
+    for key in ["a", "b", "c"] {
+        let (one, each) = (
+            held(&mut conn, &format!("one:{key}")).await,
+            held(&mut conn, &format!("each:{key}")).await,
+        );
+        assert!(one.0.is_some(), "{key} was never written");
+        assert_eq!(one.0, each.0, "{key}'s state");
+        assert!(
+            (one.1 - each.1).abs() <= 50 && one.1 > 0,
+            "{key}'s TTL: {} against {}",
+            one.1,
+            each.1
+        );
+    }
+    // `c` took 2 + 1 of its 3 and nothing from the denied decisions: full at NOW + 3 s.
+    assert_eq!(
+        held(&mut conn, "one:c").await.0.as_deref(),
+        Some(format!("b:{}", NOW + 3 * SECOND).as_str())
+    );
+}
+
+/// A malformed batch (a key given no place, a key given twice, bytes cut short) is refused with
+/// a clear error, and nothing of it is written, not even its well-formed decisions.
+#[tokio::test(flavor = "current_thread")]
+async fn a_malformed_batch_is_refused_and_writes_nothing() {
+    let server = common::server();
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let fine = Raw {
+        deadline: 0,
+        limits: vec![("a", 5, 1_000_000, 1)],
+    };
+    let mut packed = Vec::new();
+    for v in [1u64, 0, 1, 5, 1_000_000, 1, 1, 0, 2, 5, 1_000_000, 1] {
+        packed.extend(v.to_le_bytes());
+    }
+    let script = tollgate_redis::script_source();
+    let run = |keys: Vec<&'static str>, packed: Vec<u8>| {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script)
+            .arg(keys.len())
+            .arg(keys)
+            .arg("b")
+            .arg("")
+            .arg(packed);
+        cmd
+    };
+    let short = packed[..packed.len() - 8].to_vec();
+    let cut = packed[..20].to_vec();
+    for (label, cmd, expect) in [
+        ("no key 2", run(vec!["bad:a"], packed.clone()), "no key 2"),
+        (
+            "twice",
+            run(vec!["bad:a", "bad:a"], packed.clone()),
+            "given twice",
+        ),
+        (
+            "short",
+            run(vec!["bad:a", "bad:b"], short),
+            "malformed batch",
+        ),
+        ("cut", run(vec!["bad:a", "bad:b"], cut), "malformed batch"),
+    ] {
+        let e = cmd
+            .query_async::<Vec<u8>>(&mut conn)
+            .await
+            .expect_err(label);
+        assert!(e.to_string().contains(expect), "{label}: {e}");
+        for key in ["bad:a", "bad:b"] {
+            assert_eq!(held(&mut conn, key).await.0, None, "{label}: {key} written");
+        }
+    }
+    // The same first decision alone is fine.
+    let reply = raw_batch(&mut conn, "bad:", 0, &[&fine]).await;
+    assert!(reply.is_ok(), "{reply:?}");
+}
