@@ -15,6 +15,11 @@
 //!   connection per task, as the seed's `redis.asyncio` client runs it (each in-flight command
 //!   holds a connection of the pool, so every command is a round trip of its own).
 //!
+//! Every task decides on the same keys (a hot key, as the service-wide limit is for every
+//! request): a batch's decisions then share all their keys, which the batch reads and writes
+//! once each. The `a tier key per task` rows give each task a tier key of its own (the route and
+//! global keys still shared), as many callers have, against the naive peer on the same keys.
+//!
 //! Besides decisions per second and latencies: the client's CPU time per decision, tollgate's
 //! against the naive peer's (on the shared connection); and Redis' own CPU time per decision
 //! (`INFO commandstats`: the usec of `FCALL` / `EVALSHA` over their calls), tollgate's script
@@ -71,6 +76,27 @@ fn quota() -> Result<Quota, BoxError> {
     Ok(Quota::per_second(1_000_000)?.with_burst(1_000_000)?)
 }
 
+/// Whose keys a load's decisions use: the same [`KEYS`] for every task (a hot tier key: every
+/// decision of a batch shares all its keys), or a tier key of each task's own with the route
+/// and global keys shared (many callers, as the default inbound policy has them).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keys {
+    Shared,
+    TierPerTask,
+}
+
+/// The keys of task `task`'s decisions over `n` limits.
+fn task_keys(keys: Keys, n: usize, task: usize) -> Vec<String> {
+    KEYS[..n]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| match keys {
+            Keys::TierPerTask if i == 0 => format!("{k}:{task}"),
+            _ => (*k).to_owned(),
+        })
+        .collect()
+}
+
 /// tollgate's own store.
 async fn tollgate_load(
     store: &RedisStore,
@@ -78,14 +104,28 @@ async fn tollgate_load(
     tasks: usize,
     duration: Duration,
 ) -> Result<Load, BoxError> {
+    tollgate_load_on(store, n, tasks, duration, Keys::Shared).await
+}
+
+/// tollgate's own store, on `keys`.
+async fn tollgate_load_on(
+    store: &RedisStore,
+    n: usize,
+    tasks: usize,
+    duration: Duration,
+    keys: Keys,
+) -> Result<Load, BoxError> {
     let quota = quota()?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
     drive(tasks, duration, || {
         let store = store.clone();
+        let task = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let names = Arc::new(task_keys(keys, n, task));
         move || {
-            let store = store.clone();
+            let (store, names) = (store.clone(), Arc::clone(&names));
             async move {
                 let limits: Vec<Limit<'_>> =
-                    KEYS[..n].iter().map(|k| Limit::new(k, &quota, 1)).collect();
+                    names.iter().map(|k| Limit::new(k, &quota, 1)).collect();
                 Ok(store.decide(&limits).await?.is_allowed())
             }
         }
@@ -133,13 +173,28 @@ async fn naive_load(
     tasks: usize,
     duration: Duration,
 ) -> Result<Load, BoxError> {
-    let keys: Arc<Vec<String>> = Arc::new(KEYS[..n].iter().map(|k| format!("naive:{k}")).collect());
+    naive_load_on(conns, n, tasks, duration, Keys::Shared).await
+}
+
+/// The naive peer on `keys`.
+async fn naive_load_on(
+    conns: &[MultiplexedConnection],
+    n: usize,
+    tasks: usize,
+    duration: Duration,
+    keys: Keys,
+) -> Result<Load, BoxError> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     drive(tasks, duration, || {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let conn = conns[i % conns.len()].clone();
-        let keys = Arc::clone(&keys);
-        move || naive_decide(conn.clone(), Arc::clone(&keys))
+        let names: Arc<Vec<String>> = Arc::new(
+            task_keys(keys, n, i)
+                .into_iter()
+                .map(|k| format!("naive:{k}"))
+                .collect(),
+        );
+        move || naive_decide(conn.clone(), Arc::clone(&names))
     })
     .await
 }
@@ -540,6 +595,44 @@ pub(crate) fn run(quick: bool) -> Result<Vec<Row>, BoxError> {
                 });
             }
         }
+    }
+    // Many callers: a tier key of each task's own (route and global shared), so that a batch's
+    // decisions share only some of their keys.
+    for n in [1, 3] {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            ours.push(runtime.block_on(tollgate_load_on(
+                &store,
+                n,
+                128,
+                duration,
+                Keys::TierPerTask,
+            ))?);
+            theirs.push(runtime.block_on(naive_load_on(
+                &naive,
+                n,
+                128,
+                duration,
+                Keys::TierPerTask,
+            ))?);
+        }
+        let (ours, theirs) = (median_load(&ours), median_load(&theirs));
+        let label = format!(
+            "redis: {n} limit{}, 128 tasks, a tier key per task",
+            if n == 1 { "" } else { "s" }
+        );
+        eprintln!(
+            "  {label}: tollgate {}, naive {}",
+            ours.text(),
+            theirs.text()
+        );
+        rows.push(Row {
+            case: format!("{label} (decisions/s)"),
+            tollgate: ours.text(),
+            peer: format!("naive GET+SET per limit ({} round trips)", 2 * n),
+            peer_value: theirs.text(),
+            ratio: throughput_ratio(ours.per_sec, theirs.per_sec),
+        });
     }
     rows.extend(batching_rows);
     rows.extend(cpu_rows);
