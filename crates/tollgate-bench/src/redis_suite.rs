@@ -24,8 +24,10 @@
 //! against the naive peer's (on the shared connection); and Redis' own CPU time per decision
 //! (`INFO commandstats`: the usec of `FCALL` / `EVALSHA` over their calls), tollgate's script
 //! against a textbook GCRA script of our own ([`TEXTBOOK`]) driven the same way over the same
-//! keys; tollgate's side with batching off there, so that a call is one decision. One runtime thread drives every client
-//! task and the connections' own tasks, so its CPU time over a run is the client side's.
+//! keys; tollgate's side with batching off there, so that a call is one decision, and with
+//! batching on at 1, 16 and 128 tasks (the command time over the decisions made; at 1 task every
+//! call is a batch of one). One runtime thread drives every client task and the connections' own
+//! tasks, so its CPU time over a run is the client side's.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -408,8 +410,11 @@ fn redis_cpu_rows(
 ) -> Result<Vec<Row>, BoxError> {
     let mut rows = Vec::new();
     let mut batched_rows = Vec::new();
+    /// The task counts of the batching-on rows: at 1 every call is a batch of one.
+    const BATCHED_TASKS: [usize; 3] = [1, 16, 128];
     for n in [1, 3] {
-        let (mut ours, mut textbook, mut in_batches) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ours, mut textbook) = (Vec::new(), Vec::new());
+        let mut in_batches = vec![Vec::new(); BATCHED_TASKS.len()];
         for _ in 0..rounds {
             server.cmd(&["CONFIG", "RESETSTAT"])?;
             runtime.block_on(tollgate_load(store, n, 16, duration))?;
@@ -417,15 +422,16 @@ fn redis_cpu_rows(
             server.cmd(&["CONFIG", "RESETSTAT"])?;
             runtime.block_on(textbook_load(store, conn, n, 16, duration))?;
             textbook.push(redis_cpu_per_call(server)?);
-            // Batching on, under load: a call decides many; per decision is the command time
-            // over the decisions made.
-            server.cmd(&["CONFIG", "RESETSTAT"])?;
-            let load = runtime.block_on(tollgate_load(batched, n, 128, duration))?;
-            let (_, usec) = redis_script_stats(server)?;
-            in_batches.push(usec as f64 / load.calls.max(1) as f64 / 1e6);
+            // Batching on: a call decides as many as were queued; per decision is the command
+            // time over the decisions made.
+            for (tasks, runs) in BATCHED_TASKS.iter().zip(&mut in_batches) {
+                server.cmd(&["CONFIG", "RESETSTAT"])?;
+                let load = runtime.block_on(tollgate_load(batched, n, *tasks, duration))?;
+                let (_, usec) = redis_script_stats(server)?;
+                runs.push(usec as f64 / load.calls.max(1) as f64 / 1e6);
+            }
         }
         let (ours, textbook) = (median(&mut ours), median(&mut textbook));
-        let in_batches = median(&mut in_batches);
         let us = |v: f64| format!("{:.2} µs", v * 1e6);
         let label = format!(
             "redis: Redis CPU per decision, {n} limit{}",
@@ -443,19 +449,23 @@ fn redis_cpu_rows(
             peer_value: us(textbook),
             ratio: time_ratio(ours, textbook),
         });
-        eprintln!(
-            "  {label}, batching on, 128 tasks: tollgate {}",
-            us(in_batches)
-        );
-        batched_rows.push(Row {
-            case: format!(
-                "{label}, batching on, 128 tasks (µs of command time over the decisions; ratio = textbook / tollgate)"
-            ),
-            tollgate: us(in_batches),
-            peer: "textbook GCRA script (one call per decision)".to_owned(),
-            peer_value: us(textbook),
-            ratio: time_ratio(in_batches, textbook),
-        });
+        for (tasks, runs) in BATCHED_TASKS.iter().zip(&mut in_batches) {
+            let in_batches = median(runs);
+            let tasks = format!("{tasks} task{}", if *tasks == 1 { "" } else { "s" });
+            eprintln!(
+                "  {label}, batching on, {tasks}: tollgate {}",
+                us(in_batches)
+            );
+            batched_rows.push(Row {
+                case: format!(
+                    "{label}, batching on, {tasks} (µs of command time over the decisions; ratio = textbook / tollgate)"
+                ),
+                tollgate: us(in_batches),
+                peer: "textbook GCRA script (one call per decision)".to_owned(),
+                peer_value: us(textbook),
+                ratio: time_ratio(in_batches, textbook),
+            });
+        }
     }
     rows.extend(batched_rows);
     Ok(rows)
