@@ -26,7 +26,7 @@
 //! against a textbook GCRA script of our own ([`TEXTBOOK`]) driven the same way over the same
 //! keys; tollgate's side with batching off there, so that a call is one decision, and with
 //! batching on at 1, 16 and 128 tasks (the command time over the decisions made; at 1 task every
-//! call is a batch of one). One runtime thread drives every client task and the connections' own
+//! call is a batch of one) against the textbook script at the same task count. One runtime thread drives every client task and the connections' own
 //! tasks, so its CPU time over a run is the client side's.
 
 use std::process::Command;
@@ -415,6 +415,7 @@ fn redis_cpu_rows(
     for n in [1, 3] {
         let (mut ours, mut textbook) = (Vec::new(), Vec::new());
         let mut in_batches = vec![Vec::new(); BATCHED_TASKS.len()];
+        let mut textbook_at = vec![Vec::new(); BATCHED_TASKS.len()];
         for _ in 0..rounds {
             server.cmd(&["CONFIG", "RESETSTAT"])?;
             runtime.block_on(tollgate_load(store, n, 16, duration))?;
@@ -424,11 +425,16 @@ fn redis_cpu_rows(
             textbook.push(redis_cpu_per_call(server)?);
             // Batching on: a call decides as many as were queued; per decision is the command
             // time over the decisions made.
-            for (tasks, runs) in BATCHED_TASKS.iter().zip(&mut in_batches) {
+            // The textbook script at the same task count: an idle server between calls costs
+            // each call more than a busy one.
+            for (i, tasks) in BATCHED_TASKS.iter().enumerate() {
                 server.cmd(&["CONFIG", "RESETSTAT"])?;
                 let load = runtime.block_on(tollgate_load(batched, n, *tasks, duration))?;
                 let (_, usec) = redis_script_stats(server)?;
-                runs.push(usec as f64 / load.calls.max(1) as f64 / 1e6);
+                in_batches[i].push(usec as f64 / load.calls.max(1) as f64 / 1e6);
+                server.cmd(&["CONFIG", "RESETSTAT"])?;
+                runtime.block_on(textbook_load(store, conn, n, *tasks, duration))?;
+                textbook_at[i].push(redis_cpu_per_call(server)?);
             }
         }
         let (ours, textbook) = (median(&mut ours), median(&mut textbook));
@@ -449,19 +455,24 @@ fn redis_cpu_rows(
             peer_value: us(textbook),
             ratio: time_ratio(ours, textbook),
         });
-        for (tasks, runs) in BATCHED_TASKS.iter().zip(&mut in_batches) {
-            let in_batches = median(runs);
+        for ((tasks, runs), textbook) in BATCHED_TASKS
+            .iter()
+            .zip(&mut in_batches)
+            .zip(&mut textbook_at)
+        {
+            let (in_batches, textbook) = (median(runs), median(textbook));
             let tasks = format!("{tasks} task{}", if *tasks == 1 { "" } else { "s" });
             eprintln!(
-                "  {label}, batching on, {tasks}: tollgate {}",
-                us(in_batches)
+                "  {label}, batching on, {tasks}: tollgate {}, textbook {}",
+                us(in_batches),
+                us(textbook)
             );
             batched_rows.push(Row {
                 case: format!(
                     "{label}, batching on, {tasks} (µs of command time over the decisions; ratio = textbook / tollgate)"
                 ),
                 tollgate: us(in_batches),
-                peer: "textbook GCRA script (one call per decision)".to_owned(),
+                peer: format!("textbook GCRA script (one call per decision, {tasks})"),
                 peer_value: us(textbook),
                 ratio: time_ratio(in_batches, textbook),
             });
