@@ -78,6 +78,38 @@ local function fast_path(keys, k0, n, argv, limit_at, stride, cost_off, deadline
   return packed(out)
 end
 
+-- The fast path over one token bucket, the commonest call (one limit; and a batch of one
+-- decision on one key, as a lone request sends it), without the tables of the loop above: the
+-- same admission test and new state. Returns 1 (allowed, written) or 0 and the bucket's tat as
+-- read; nil when the call is past its deadline (it writes nothing then).
+local function fast_one(key, now, deadline, limit, t, cost)
+  if deadline ~= nil and deadline ~= 0 and now > deadline then
+    return nil
+  end
+  -- pcall: a key of another type reads as absent. 'b:' is bytes 98, 58.
+  local v, tat = redis.pcall('GET', key), 0
+  if type(v) == 'string' then
+    local b, c = string.byte(v, 1, 2)
+    if b == 98 and c == 58 then
+      tat = tonumber(string.sub(v, 3)) or 0
+    end
+  end
+  local used = tat - now
+  if used < 0 then
+    used = 0
+  end
+  local needed = used + t * cost
+  if cost > limit or needed > t * limit then
+    return 0, tat
+  end
+  if cost > 0 then
+    -- write_state()'s SET: the new tat is past now, its TTL the ms up to it, rounded up.
+    redis.call('SET', key, string.format('b:%d', now + needed), 'PX',
+      math.ceil(needed / 1000) + TTL_PAD_MS)
+  end
+  return 1, tat
+end
+
 -- A batch, mode 'b': several independent decisions of one client, each as the compact layout
 -- would send it alone, in a packed form (one string of little-endian 64-bit integers each way,
 -- instead of 2 + 3n arguments and one reply per decision, which cost Redis more to parse and to
@@ -102,6 +134,17 @@ local function batch(KEYS, ARGV)
   local nkeys, s = #KEYS, ARGV[3]
   if type(s) ~= 'string' or #s % 8 ~= 0 then
     return redis.error_reply('tollgate: malformed batch: no packed decisions')
+  end
+  if nkeys == 1 and #s == 48 then
+    -- One decision on one key: fast_one(), its answer in the batch's reply.
+    local n, deadline, j, limit, t, cost = struct.unpack('<i8i8i8i8i8i8', s)
+    if n == 1 and j == 1 then
+      local allowed, tat = fast_one(KEYS[1], now, deadline, limit, t, cost)
+      if allowed == nil then
+        return struct.pack('<i8', 11) .. late_reply(now, 1)
+      end
+      return struct.pack('<i8i8i8i8i8', 4, FAST, now, allowed, tat)
+    end
   end
   local vals
   if nkeys == 1 then
@@ -193,6 +236,15 @@ local function fast_decide(KEYS, ARGV)
   local n = #KEYS
   local mode = ARGV[1]
   if mode == 'd' then
+    if n == 1 then
+      local now = call_time(ARGV)
+      local allowed, tat = fast_one(KEYS[1], now, tonumber(ARGV[3]), tonumber(ARGV[4]),
+        tonumber(ARGV[5]), tonumber(ARGV[6]))
+      if allowed == nil then
+        return late_reply(now, 1)
+      end
+      return struct.pack('<i8i8i8i8', FAST, now, allowed, tat)
+    end
     return fast_path(KEYS, 0, n, ARGV, 4, 3, 2, tonumber(ARGV[3]), call_time(ARGV))
   end
   if mode == 'b' then
