@@ -251,11 +251,13 @@ impl Plan {
     /// The rate limits to decide and charge now, in an array (the first `n` are used; no
     /// allocation), with their indices in the plan.
     pub(crate) fn limits(&self) -> ([Limit<'_>; MAX_SLOTS], usize, Indices) {
+        // The tier's limit is always the first, charged now (`Plan::new`): built once.
+        debug_assert!(matches!(self.slot(0), Slot::Tier(_)) && !self.is_deferred(0));
         let first = self.limit_at(0, self.cost);
         let mut limits = [first; MAX_SLOTS];
         let mut at = [0; MAX_SLOTS];
-        let mut n = 0;
-        for index in 0..self.n {
+        let mut n = 1;
+        for index in 1..self.n {
             if matches!(self.slot(index), Slot::Concurrency(_)) || self.is_deferred(index) {
                 continue;
             }
