@@ -464,46 +464,60 @@ fn raw_value(server: &RedisServer, key: &str) -> Option<String> {
 
 /// A call the store gave up on (the server frozen by `SIGSTOP`) still sits in the server's input
 /// buffer; when the server wakes it runs, past its deadline on the server's clock, and must
-/// write nothing: the caller was answered by the failure policy already.
+/// write nothing: the caller was answered by the failure policy already. With batching on (a
+/// lone call is a batch of one) and off (the compact one-call layout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_run_after_its_deadline_charges_nothing() {
     let mut server = common::server();
-    let store = lazy_store(&server);
-    // Three an hour: every charge shows, and nothing refills while the test runs.
-    let quota = Quota::per_hour(3).expect("valid quota");
+    for batching in [true, false] {
+        let store = RedisStore::builder(server.url())
+            .timeout(TIMEOUT)
+            .connect_timeout(TIMEOUT)
+            .batching(batching)
+            .build()
+            .expect("a lazy store builds");
+        let key = if batching { "late-b" } else { "late-d" };
+        // Three an hour: every charge shows, and nothing refills while the test runs.
+        let quota = Quota::per_hour(3).expect("valid quota");
 
-    // One call in time, which also teaches the store the server's clock.
-    let (first, _) = decide(&store, "late", &quota).await;
-    assert!(first.expect("redis is up").is_allowed());
-    let before = raw_value(&server, "late").expect("the first charge was written");
+        // One call in time, which also teaches the store the server's clock.
+        let (first, _) = decide(&store, key, &quota).await;
+        assert!(first.expect("redis is up").is_allowed());
+        let before = raw_value(&server, key).expect("the first charge was written");
 
-    blocking(|| server.pause()).expect("SIGSTOP");
-    for i in 0..5 {
-        let (result, took) = decide(&store, "late", &quota).await;
-        let e = assert_fast_failure(result, took, TIMEOUT, &format!("call {i} while frozen"));
-        assert!(e.is_timeout(), "call {i}: {:?}: {e}", e.kind());
+        blocking(|| server.pause()).expect("SIGSTOP");
+        for i in 0..5 {
+            let (result, took) = decide(&store, key, &quota).await;
+            let e = assert_fast_failure(
+                result,
+                took,
+                TIMEOUT,
+                &format!("{key}: call {i} while frozen"),
+            );
+            assert!(e.is_timeout(), "{key}: call {i}: {:?}: {e}", e.kind());
+        }
+        blocking(|| server.resume()).expect("SIGCONT");
+
+        // The five calls queued in the server run now, all past their deadline.
+        let took = until_allowed(&store, key, &quota, Duration::from_secs(10)).await;
+        let after = raw_value(&server, key);
+        assert_ne!(
+            after.as_deref(),
+            Some(before.as_str()),
+            "{key}: the call that succeeded after the pause was charged"
+        );
+        // Two of the three were spent (the first call and the one after the pause): one is left.
+        let (third, _) = decide(&store, key, &quota).await;
+        let third = third.expect("redis is up");
+        assert!(
+            third.is_allowed(),
+            "{key}: the late calls charged the bucket (recovered after {took:?}): {third:?}"
+        );
+        let (fourth, _) = decide(&store, key, &quota).await;
+        assert_eq!(
+            fourth.expect("redis is up").outcome(),
+            Outcome::Denied,
+            "{key}: the bucket holds three"
+        );
     }
-    blocking(|| server.resume()).expect("SIGCONT");
-
-    // The five calls queued in the server run now, all past their deadline.
-    let took = until_allowed(&store, "late", &quota, Duration::from_secs(10)).await;
-    let after = raw_value(&server, "late");
-    assert_ne!(
-        after.as_deref(),
-        Some(before.as_str()),
-        "the call that succeeded after the pause was charged"
-    );
-    // Two of the three were spent (the first call and the one after the pause): one is left.
-    let (third, _) = decide(&store, "late", &quota).await;
-    let third = third.expect("redis is up");
-    assert!(
-        third.is_allowed(),
-        "the late calls charged the bucket (recovered after {took:?}): {third:?}"
-    );
-    let (fourth, _) = decide(&store, "late", &quota).await;
-    assert_eq!(
-        fourth.expect("redis is up").outcome(),
-        Outcome::Denied,
-        "the bucket holds three"
-    );
 }
