@@ -74,8 +74,7 @@ impl RedisStore {
 
     /// Decides `limits`: one call per slot group, a denial undoing the groups charged before.
     pub(crate) async fn decide_items(&self, limits: &[Limit<'_>]) -> Result<Verdict, StoreError> {
-        let id = self.inner.ids.next();
-        self.decide_groups(limits, None, &id).await
+        self.decide_groups(limits, None, None).await
     }
 
     /// Decides `limits` and takes a lease of `lease`, all or nothing: the lease is one more key
@@ -96,7 +95,7 @@ impl RedisStore {
         };
         let id = self.inner.ids.lease();
         let verdict = self
-            .decide_groups(limits, Some((&key, args)), &lease_member(id))
+            .decide_groups(limits, Some((&key, args)), Some(&lease_member(id)))
             .await?;
         let taken = verdict.is_allowed();
         Ok(Leased {
@@ -111,7 +110,7 @@ impl RedisStore {
         &self,
         limits: &'a [Limit<'a>],
         lease: Option<(&'a Limit<'a>, LeaseArgs)>,
-        id: &str,
+        id: Option<&str>,
     ) -> Result<Verdict, StoreError> {
         let mut items = self.items(limits);
         if let Some((key, args)) = lease {
@@ -143,6 +142,17 @@ impl RedisStore {
                     answer.rows.iter().map(|r| r.decision).collect(),
                 ));
             }
+        }
+        // The call's id (a batch carries none): the lease's member, or a new one.
+        let new_id;
+        let id = match id {
+            Some(id) => id,
+            None => {
+                new_id = self.inner.ids.next();
+                new_id.as_str()
+            }
+        };
+        if let [only] = groups.as_slice() {
             let answer = self
                 .call(mode(only), &items, id, 0, 0, Budget::guarded(deadline))
                 .await?;

@@ -112,15 +112,41 @@ impl CallIds {
         }
     }
 
+    /// A new call id, `<seed>.<counter>` in lowercase hex (written by hand: `format!` costs a
+    /// decision on the client about as much as the rest of its arguments).
     pub(crate) fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("{:x}.{:x}", self.seed, n)
+        let mut id = String::with_capacity(33);
+        push_hex(&mut id, self.seed);
+        id.push('.');
+        push_hex(&mut id, n);
+        id
     }
 
     /// A new lease id: unique to this store, and across stores but for a 64-bit seed collision.
     pub(crate) fn lease(&self) -> LeaseId {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         LeaseId::from_u128((u128::from(self.seed) << 64) | u128::from(n))
+    }
+}
+
+/// Appends `v` in lowercase hex without leading zeros, as `{:x}` writes it.
+fn push_hex(out: &mut String, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 16];
+    let mut at = buf.len();
+    let mut v = v;
+    loop {
+        at -= 1;
+        // The low 4 bits index the digits: always in bounds.
+        buf[at] = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    for &digit in &buf[at..] {
+        out.push(char::from(digit));
     }
 }
 
@@ -442,11 +468,16 @@ impl RedisStore {
 
     /// The Redis key a limit key is stored under: `PREFIX:KEY`.
     pub fn redis_key(&self, key: &str) -> String {
-        if self.inner.prefix.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}:{key}", self.inner.prefix)
+        let prefix = &self.inner.prefix;
+        if prefix.is_empty() {
+            return key.to_owned();
         }
+        // Not `format!`: this runs for every key of every decision.
+        let mut out = String::with_capacity(prefix.len() + 1 + key.len());
+        out.push_str(prefix);
+        out.push(':');
+        out.push_str(key);
+        out
     }
 
     /// Checks that Redis answers, within the call timeout.
@@ -569,5 +600,40 @@ impl Store for RedisStore {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_written_as_format_writes_it() {
+        for v in [
+            0,
+            1,
+            9,
+            10,
+            15,
+            16,
+            255,
+            0x1234_abcd,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut out = String::from("x");
+            push_hex(&mut out, v);
+            assert_eq!(out, format!("x{v:x}"), "{v}");
+        }
+    }
+
+    #[test]
+    fn call_ids_are_seed_dot_counter_and_never_repeat() {
+        let ids = CallIds::new();
+        let (a, b) = (ids.next(), ids.next());
+        assert_eq!(a, format!("{:x}.0", ids.seed));
+        assert_eq!(b, format!("{:x}.1", ids.seed));
+        assert_ne!(a, b);
     }
 }
