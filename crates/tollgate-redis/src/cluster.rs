@@ -105,7 +105,8 @@ impl RedisStore {
     }
 
     /// Decides `limits`, and with `lease` takes it too (its decision comes last), under the call
-    /// id `id` (a lease's member name when there is one).
+    /// id `id` (a lease's member name when there is one; `None`: a new id, drawn only for a call
+    /// that sends one, not for a batched decision).
     async fn decide_groups<'a>(
         &self,
         limits: &'a [Limit<'a>],
@@ -131,17 +132,24 @@ impl RedisStore {
                 Mode::Decide
             }
         };
-        let groups = self.groups(&items);
+        // One group on a standalone server (not even a `Vec` for it), one per slot on a cluster.
+        let groups = if self.is_cluster() {
+            self.groups(&items)
+        } else {
+            Vec::new()
+        };
+        let one_group = !self.is_cluster() || groups.len() == 1;
         let deadline = self.deadline();
-        if let [only] = groups.as_slice() {
-            debug_assert_eq!(only.len(), items.len());
-            if self.inner.batching && lease.is_none() && !items.is_empty() && fast_eligible(&items)
-            {
-                let answer = self.decide_batched(&items, deadline).await?;
-                return Ok(Verdict::new(
-                    answer.rows.iter().map(|r| r.decision).collect(),
-                ));
-            }
+        if one_group
+            && self.inner.batching
+            && lease.is_none()
+            && !items.is_empty()
+            && fast_eligible(&items)
+        {
+            let answer = self.decide_batched(&mut items, deadline).await?;
+            return Ok(Verdict::new(
+                answer.rows.iter().map(|r| r.decision).collect(),
+            ));
         }
         // The call's id (a batch carries none): the lease's member, or a new one.
         let new_id;
@@ -152,9 +160,14 @@ impl RedisStore {
                 new_id.as_str()
             }
         };
-        if let [only] = groups.as_slice() {
+        if one_group {
+            let mode = if lease.is_some() {
+                Mode::Lease
+            } else {
+                Mode::Decide
+            };
             let answer = self
-                .call(mode(only), &items, id, 0, 0, Budget::guarded(deadline))
+                .call(mode, &items, id, 0, 0, Budget::guarded(deadline))
                 .await?;
             return Ok(Verdict::new(
                 answer.rows.iter().map(|r| r.decision).collect(),

@@ -670,30 +670,34 @@ impl RedisStore {
 
     /// A decision over `items` (one for the fast path, in one slot, at least one limit) through
     /// its connection's batch queue (`crate::batch`): sent at once when nothing is in flight,
-    /// else with the decisions queued behind the call in flight. Answers by `deadline`.
+    /// else with the decisions queued behind the call in flight. Answers by `deadline`. The
+    /// items' keys go into the batch (taken, not copied): they are left empty.
     pub(crate) async fn decide_batched(
         &self,
-        items: &[Item<'_>],
+        items: &mut [Item<'_>],
         deadline: Instant,
     ) -> Result<Answer, StoreError> {
         let offset = self.offset(items);
+        let lane = self.inner.lanes.of(&items[0].key);
         let server_deadline = if self.inner.clock.is_none() {
             offset.server_deadline(deadline)
         } else {
             0
         };
         let mut args = Vec::with_capacity(3 * items.len());
-        for item in items {
+        for item in items.iter() {
             let q = item.limit.quota;
             args.extend([u64::from(q.limit()), q.interval_micros(), item.cost]);
         }
         let member = Member {
-            keys: items.iter().map(|item| item.key.clone()).collect(),
+            keys: items
+                .iter_mut()
+                .map(|item| std::mem::take(&mut item.key))
+                .collect(),
             args,
             deadline,
             server_deadline,
         };
-        let lane = self.inner.lanes.of(&items[0].key);
         let delivered = crate::batch::submit(lane, self, member).await?;
         self.finish(
             &delivered.reply,
