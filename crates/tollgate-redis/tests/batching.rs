@@ -309,6 +309,129 @@ async fn a_denial_in_a_batch_leaves_the_other_decisions_alone() {
     }
 }
 
+/// Where a worker process of [`four_processes_batching_on_one_key_admit_exactly_the_burst`]
+/// finds its server: the environment variable that makes [`burst_worker_process`] a worker.
+const WORKER_URL: &str = "TOLLGATE_TEST_BURST_WORKER_URL";
+
+/// What one burst process (or the in-process check) does: 50 tasks on one store, released
+/// together, each deciding the shared key of burst 50 once; how many were admitted.
+async fn fifty_on_the_shared_key(store: &RedisStore) -> usize {
+    burst_of(store, 50, |_| vec![("shared".to_owned(), burst(50))])
+        .await
+        .iter()
+        .filter(|a| **a)
+        .count()
+}
+
+/// A worker of the four-process test when `WORKER_URL` is set: connects a store (batching on,
+/// as by default), says `ready`, waits for the parent's line on stdin so that the four start
+/// together, then decides 50 tasks at once on the shared key and says `admitted N`.
+///
+/// Run as a test of its own (no `WORKER_URL`), the same burst on a fresh server from one
+/// process: exactly the burst admitted, in fewer script calls than decisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_worker_process() {
+    if let Ok(url) = std::env::var(WORKER_URL) {
+        let store = common::connect(
+            RedisStore::builder(url)
+                .timeout(common::TEST_TIMEOUT)
+                .connect_timeout(common::TEST_TIMEOUT),
+        )
+        .await;
+        // Connected and the function loaded before the start, so the four race on deciding only.
+        store.ping().await.expect("the worker reaches the server");
+        println!("ready");
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .expect("the parent says start");
+        println!("admitted {}", fifty_on_the_shared_key(&store).await);
+        return;
+    }
+    let server = common::server();
+    let store = common::connect(common::standalone_builder(&server)).await;
+    let before = script_calls(std::slice::from_ref(&server));
+    assert_eq!(fifty_on_the_shared_key(&store).await, 50);
+    assert_eq!(
+        fifty_on_the_shared_key(&store).await,
+        0,
+        "the burst was spent"
+    );
+    let calls = script_calls(std::slice::from_ref(&server)) - before;
+    assert!(calls < 100, "{calls} script calls for 100 decisions");
+}
+
+/// Four processes (this test binary run four times as [`burst_worker_process`]), each a store
+/// with 50 tasks deciding at once on one key with a burst of 50, batching on: exactly 50
+/// admitted in all.
+#[test]
+fn four_processes_batching_on_one_key_admit_exactly_the_burst() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    let server = common::server();
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let child = Command::new(&exe)
+            .args([
+                "--exact",
+                "burst_worker_process",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(WORKER_URL, server.url())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("a worker process starts");
+        workers.push(child);
+    }
+    // Every worker connected before any decides.
+    let mut outputs = Vec::new();
+    for worker in &mut workers {
+        let mut out = BufReader::new(worker.stdout.take().expect("the worker's stdout"));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = out.read_line(&mut line).expect("the worker's output");
+            assert!(read > 0, "a worker ended before it was ready");
+            // libtest prints the test's name first, on the same line.
+            if line.trim_end().ends_with("ready") {
+                break;
+            }
+        }
+        outputs.push(out);
+    }
+    for worker in &mut workers {
+        let mut stdin = worker.stdin.take().expect("the worker's stdin");
+        stdin
+            .write_all(b"start\n")
+            .expect("a worker is told to start");
+    }
+    let mut admitted = Vec::new();
+    for (worker, out) in workers.iter_mut().zip(outputs) {
+        let said: Vec<String> = out
+            .lines()
+            .map(|l| l.expect("the worker's output"))
+            .collect();
+        let status = worker.wait().expect("a worker ends");
+        assert!(status.success(), "a worker failed ({status}): {said:?}");
+        let n = said
+            .iter()
+            .find_map(|l| l.split_once("admitted ").map(|(_, n)| n))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("a worker said no count: {said:?}"));
+        admitted.push(n);
+    }
+    assert_eq!(
+        admitted.iter().sum::<usize>(),
+        50,
+        "4 processes × 50 tasks on a burst of 50 admitted {admitted:?}"
+    );
+}
+
 /// A store on `server` with a short timeout, for the freezing tests.
 async fn short_timeout_store(server: &RedisServer, timeout: Duration) -> RedisStore {
     common::connect(
