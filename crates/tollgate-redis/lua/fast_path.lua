@@ -24,11 +24,46 @@
 -- tollgate.lua) whose limits qualify is answered here too, after the check.
 local FAST = 5
 
+-- The three forms of the fast path below (the general loop, one bucket, a batch) share these.
+
+-- Whether a call with `deadline` (server µs; nil or 0: none) runs too late at `now`.
+local function past(deadline, now)
+  return deadline ~= nil and deadline ~= 0 and now > deadline
+end
+
+-- The tat of a bucket as GET / MGET answered for its key: 'b:<tat>' (bytes 98, 58; see
+-- read_state in common.lua, whose general parse costs a few µs more per key); anything else, or
+-- nothing, is a fresh bucket, 0.
+local function bucket_tat(v)
+  if type(v) == 'string' then
+    local b, c = string.byte(v, 1, 2)
+    if b == 98 and c == 58 then
+      return tonumber(string.sub(v, 3)) or 0
+    end
+  end
+  return 0
+end
+
+-- token_bucket(tat, now, limit, t, cost)'s admission test: admitted iff the cost fits the burst
+-- and the bucket, used up to max(tat - now, 0), has room for t * cost more within
+-- tau = t * limit. The room then used, `needed` (the new tat is now + needed), or nil: denied.
+local function admits(tat, now, limit, t, cost)
+  local used = tat - now
+  if used < 0 then
+    used = 0
+  end
+  local needed = used + t * cost
+  if cost > limit or needed > t * limit then
+    return nil
+  end
+  return needed
+end
+
 -- The fast path proper, over n token buckets: the keys keys[k0 + 1 .. k0 + n]; limit i's limit at
 -- argv[limit_at + (i - 1) * stride], its interval right after, its cost `cost_off` after the
 -- limit; `deadline` on the server's clock (nil or 0: none), `now` the call's time.
 local function fast_path(keys, k0, n, argv, limit_at, stride, cost_off, deadline, now)
-  if deadline ~= nil and deadline ~= 0 and now > deadline then
+  if past(deadline, now) then
     return late_reply(now, n)
   end
   -- One key: a GET (pcall: a key of another type reads as absent, as MGET answers it), cheaper
@@ -41,23 +76,12 @@ local function fast_path(keys, k0, n, argv, limit_at, stride, cost_off, deadline
   end
   local out, nexts, all = { FAST, now, 1 }, {}, true
   for i = 1, n do
-    -- A bucket's state is 'b:<tat>' (see read_state in common.lua, whose general parse costs
-    -- a few µs more per key); anything else, or nothing, is a fresh bucket.
-    local v, tat = vals[i], 0
-    if type(v) == 'string' and string.sub(v, 1, 2) == 'b:' then
-      tat = tonumber(string.sub(v, 3)) or 0
-    end
+    local tat = bucket_tat(vals[i])
     out[3 + i] = tat
-    -- token_bucket(tat, now, limit, t, cost): admitted iff the cost fits the burst and the
-    -- bucket, used up to max(tat - now, 0), has room for t * cost more within tau = t * limit.
     local p = limit_at + (i - 1) * stride
-    local limit, t, cost = tonumber(argv[p]), tonumber(argv[p + 1]), tonumber(argv[p + cost_off])
-    local used = tat - now
-    if used < 0 then
-      used = 0
-    end
-    local needed = used + t * cost
-    if cost > limit or needed > t * limit then
+    local cost = tonumber(argv[p + cost_off])
+    local needed = admits(tat, now, tonumber(argv[p]), tonumber(argv[p + 1]), cost)
+    if needed == nil then
       all = false
     elseif cost > 0 then
       nexts[i] = now + needed
@@ -83,23 +107,13 @@ end
 -- same admission test and new state. Returns 1 (allowed, written) or 0 and the bucket's tat as
 -- read; nil when the call is past its deadline (it writes nothing then).
 local function fast_one(key, now, deadline, limit, t, cost)
-  if deadline ~= nil and deadline ~= 0 and now > deadline then
+  if past(deadline, now) then
     return nil
   end
-  -- pcall: a key of another type reads as absent. 'b:' is bytes 98, 58.
-  local v, tat = redis.pcall('GET', key), 0
-  if type(v) == 'string' then
-    local b, c = string.byte(v, 1, 2)
-    if b == 98 and c == 58 then
-      tat = tonumber(string.sub(v, 3)) or 0
-    end
-  end
-  local used = tat - now
-  if used < 0 then
-    used = 0
-  end
-  local needed = used + t * cost
-  if cost > limit or needed > t * limit then
+  -- pcall: a key of another type reads as absent.
+  local tat = bucket_tat(redis.pcall('GET', key))
+  local needed = admits(tat, now, limit, t, cost)
+  if needed == nil then
     return 0, tat
   end
   if cost > 0 then
@@ -164,10 +178,7 @@ local function batch(KEYS, ARGV)
       return redis.error_reply('tollgate: malformed batch: key ' .. j .. ' given twice')
     end
     seen[key] = true
-    local v, tat = vals[j], 0
-    if type(v) == 'string' and string.sub(v, 1, 2) == 'b:' then
-      tat = tonumber(string.sub(v, 3)) or 0
-    end
+    local tat = bucket_tat(vals[j])
     read[j], tats[j] = tat, tat
   end
   local flat, len, pos, size = {}, 0, 1, #s
@@ -180,7 +191,7 @@ local function batch(KEYS, ARGV)
     if n < 1 or pos + 32 * n - 1 > size then
       return redis.error_reply('tollgate: malformed batch at byte ' .. pos)
     end
-    if deadline ~= 0 and now > deadline then
+    if past(deadline, now) then
       -- late_reply()'s values: status LATE, no rows.
       flat[len + 1], flat[len + 2], flat[len + 3], flat[len + 4] = 3 + 8 * n, LATE, now, 0
       len = len + 4
@@ -201,12 +212,8 @@ local function batch(KEYS, ARGV)
           return redis.error_reply('tollgate: malformed batch: no key ' .. j)
         end
         flat[at + 4 + i] = tat
-        local used = tat - now
-        if used < 0 then
-          used = 0
-        end
-        local needed = used + t * cost
-        if cost > limit or needed > t * limit then
+        local needed = admits(tat, now, limit, t, cost)
+        if needed == nil then
           all = false
         elseif cost > 0 then
           nexts[j] = now + needed

@@ -697,6 +697,15 @@ async fn raw_batch(
         .await
 }
 
+/// A plain connection to `server`, for calling the script directly.
+async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
 /// A reply's 64-bit words.
 fn words(reply: &[u8]) -> Vec<i64> {
     reply
@@ -727,11 +736,7 @@ async fn held(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> (Optio
 #[tokio::test(flavor = "current_thread")]
 async fn a_batch_with_shared_keys_decides_and_writes_what_one_call_each_would() {
     let server = common::server();
-    let client = redis::Client::open(server.url()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = raw_connection(&server).await;
     const NOW: u64 = 1_700_000_000_000_000;
     const SECOND: u64 = 1_000_000;
     let on = |limits: Vec<(&'static str, u64, u64, u64)>| Raw {
@@ -815,11 +820,7 @@ async fn a_batch_with_shared_keys_decides_and_writes_what_one_call_each_would() 
 #[tokio::test(flavor = "current_thread")]
 async fn a_malformed_batch_is_refused_and_writes_nothing() {
     let server = common::server();
-    let client = redis::Client::open(server.url()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = raw_connection(&server).await;
     let fine = Raw {
         deadline: 0,
         limits: vec![("a", 5, 1_000_000, 1)],
