@@ -143,6 +143,7 @@ pub(crate) fn serve_child(args: &[String]) -> Result<(), BoxError> {
     let app = match case.as_str() {
         "bare" => bare(),
         "bare-headers" => bare_with_headers(),
+        "bare-layered" => bare().layer(tower::layer::util::Identity::new()),
         "memory" => bare().layer(tollgate_layer(MemoryStore::new(), HeaderMode::default())?),
         "memory-no-headers" => bare().layer(tollgate_layer(MemoryStore::new(), HeaderMode::None)?),
         "redis" => {
@@ -341,10 +342,13 @@ fn measure_case(
 }
 
 /// The cases counted under callgrind (the Redis case is left out: its decisions are spent in
-/// redis-server, not in the server process).
-const COUNTED: [&str; 6] = [
+/// redis-server, not in the server process). `bare-layered` is bare axum with a layer that does
+/// nothing (`tower::layer::util::Identity`) put on with `Router::layer`: what axum charges any
+/// layer, the floor under every limiter put on that way.
+const COUNTED: [&str; 7] = [
     "bare",
     "bare-headers",
+    "bare-layered",
     "memory",
     "memory-no-headers",
     "tower_governor",
@@ -424,11 +428,22 @@ fn count_instructions(
             .find(|(case, _)| *case == name)
             .map(|(_, n)| *n)
     };
-    Ok(cost_rows(
+    let mut rows = Vec::new();
+    if let (Some(layered), Some(bare)) = (count("bare-layered"), count("bare")) {
+        rows.push(Row {
+            case: "http: a layer that does nothing, put on with Router::layer (instructions per request, callgrind)".into(),
+            tollgate: thousands(layered),
+            peer: "bare axum".into(),
+            peer_value: thousands(bare),
+            ratio: time_ratio(layered, bare),
+        });
+    }
+    rows.extend(cost_rows(
         "instructions per request, callgrind",
         count,
         thousands,
-    ))
+    ));
+    Ok(rows)
 }
 
 /// The peers every tollgate row is compared with: the case and its label (contract labels).

@@ -103,10 +103,46 @@ pub struct SystemClock {
 /// it at 200 ms).
 static SOURCE: OnceLock<quanta::Clock> = OnceLock::new();
 
+/// The process's source, calibrated on first use.
+#[inline]
+fn source() -> &'static quanta::Clock {
+    SOURCE.get_or_init(quanta::Clock::new)
+}
+
+/// Times a short span (a store's latency, say) on [`SystemClock`]'s counter: two readings of the
+/// counter where [`std::time::Instant::elapsed`] makes two system clock reads, which on the
+/// in-memory store cost a quarter of its decision.
+///
+/// ```
+/// let watch = tollgate_core::Stopwatch::start();
+/// assert!(watch.elapsed() < std::time::Duration::from_secs(60));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Stopwatch {
+    started: u64,
+}
+
+impl Stopwatch {
+    /// Starts timing now.
+    #[inline]
+    pub fn start() -> Stopwatch {
+        Stopwatch {
+            started: source().raw(),
+        }
+    }
+
+    /// The time since [`start`](Self::start).
+    #[inline]
+    pub fn elapsed(&self) -> std::time::Duration {
+        let source = source();
+        std::time::Duration::from_nanos(source.delta_as_nanos(self.started, source.raw()))
+    }
+}
+
 impl SystemClock {
     /// Anchors a new clock at the current wall-clock time.
     pub fn new() -> SystemClock {
-        let source = SOURCE.get_or_init(quanta::Clock::new);
+        let source = source();
         let origin_unix_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));

@@ -71,7 +71,7 @@ mod store;
 #[cfg(any(test, feature = "vectors"))]
 pub mod vectors;
 
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use clock::{Clock, ManualClock, Stopwatch, SystemClock, Timestamp};
 pub use decision::{Decision, Outcome};
 pub use lease::{LEASE_RETRY_AFTER, Lease, LeaseId, Leased};
 pub use memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};

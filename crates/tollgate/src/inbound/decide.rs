@@ -127,13 +127,16 @@ impl Shared {
                 "The key extractor put the caller in tier `{}`, which the policy does not define.",
                 identity.tier
             );
-            return Planned::Decided(Next::Respond(self.misconfigured("unknown_tier", &detail)));
+            return Planned::Decided(Next::respond(self.misconfigured("unknown_tier", &detail)));
         };
         let effective = self
             .adaptive
             .as_ref()
             .and_then(|a| a.effective(&policy, tier));
-        let plan = Plan::new(
+        // The plan stays here, borrowed by each step after it (it is moved only to a decision
+        // that awaits the store, or cloned for a charge on failure): a plan moved from step to
+        // step cost a copy of it each time.
+        let mut plan = Plan::new(
             policy,
             tier,
             identity.key,
@@ -159,18 +162,15 @@ impl Shared {
                 }
             }
         }
-        let plan = if plan.charges_failures() {
+        if plan.charges_failures() {
             let (checks, m, at) = plan.deferred();
             let Some(answer) = self.store.peek_now(&checks[..m]) else {
                 return Planned::ToDecide(plan);
             };
-            match self.check(plan, answer, &at) {
-                Checked::Go(plan) => plan,
-                Checked::Answered(next) => return Planned::Decided(next),
+            if let Some(next) = self.check(&plan, answer, &at) {
+                return Planned::Decided(next);
             }
-        } else {
-            plan
-        };
+        }
         let (limits, n, at) = plan.limits();
         let answer = match plan.lease() {
             Some(lease) => self.store.decide_leased_now(&limits[..n], &lease),
@@ -182,24 +182,21 @@ impl Shared {
             }),
         };
         match answer {
-            Some(answer) => Planned::Decided(self.finish(plan, answer, n, &at)),
+            Some(answer) => Planned::Decided(self.finish(&mut plan, answer, n, &at)),
             None => Planned::ToDecide(plan),
         }
     }
 
     /// Decides a plan on a store that does I/O, under the breaker, the timeout and the failure
     /// policy.
-    pub(crate) async fn decide(self: Arc<Self>, plan: Plan) -> Next {
-        let plan = if plan.charges_failures() {
+    pub(crate) async fn decide(self: Arc<Self>, mut plan: Plan) -> Next {
+        if plan.charges_failures() {
             let (checks, m, at) = plan.deferred();
             let answer = self.store.peek(&checks[..m]).await;
-            match self.check(plan, answer, &at) {
-                Checked::Go(plan) => plan,
-                Checked::Answered(next) => return next,
+            if let Some(next) = self.check(&plan, answer, &at) {
+                return next;
             }
-        } else {
-            plan
-        };
+        }
         let (limits, n, at) = plan.limits();
         let answer = match plan.lease() {
             Some(lease) => self.store.decide_leased(&limits[..n], &lease).await,
@@ -208,45 +205,41 @@ impl Shared {
                 lease: None,
             }),
         };
-        self.finish(plan, answer, n, &at)
+        self.finish(&mut plan, answer, n, &at)
     }
 
-    /// The check of a route that charges only failures: the plan back to go on and decide, or
-    /// the answer when its limits have nothing left for the request (in shadow mode the request
-    /// then passes, counted `shadow_limited`, charging nothing, as a denial would). A store
-    /// failure goes on (the decision then meets the failure policy).
-    fn check(self: &Arc<Self>, plan: Plan, answer: Guarded<Verdict>, at: &Indices) -> Checked {
+    /// The check of a route that charges only failures: `None` to go on and decide, or the
+    /// answer when its limits have nothing left for the request (in shadow mode the request then
+    /// passes, counted `shadow_limited`, charging nothing, as a denial would). A store failure
+    /// goes on (the decision then meets the failure policy).
+    fn check(
+        self: &Arc<Self>,
+        plan: &Plan,
+        answer: Guarded<Verdict>,
+        at: &Indices,
+    ) -> Option<Next> {
         let (verdict, from_store) = match answer {
             Guarded::Store(verdict) => (verdict, true),
             Guarded::Local(verdict) => (verdict, false),
-            Guarded::Open | Guarded::Closed => return Checked::Go(plan),
+            Guarded::Open | Guarded::Closed => return None,
         };
         if verdict.is_allowed() {
-            return Checked::Go(plan);
+            return None;
         }
-        let Some((binding, decision)) = verdict.binding() else {
-            return Checked::Go(plan);
-        };
+        let (binding, decision) = verdict.binding()?;
         let (binding, decision) = (at.get(binding), *decision);
         if plan.policy.is_shadow() {
-            count(&plan, outcome::SHADOW_LIMITED);
-            return Checked::Answered(self.forward(
-                plan,
-                binding,
-                decision,
-                Duration::ZERO,
-                true,
-                None,
-            ));
+            count(plan, outcome::SHADOW_LIMITED);
+            return Some(self.forward(plan, binding, decision, Duration::ZERO, true, None));
         }
-        Checked::Answered(self.refuse(&plan, &verdict, at, binding, decision, from_store))
+        Some(self.refuse(plan, &verdict, at, binding, decision, from_store))
     }
 
     /// Turns the store's (or the failure policy's) answer into what to do with the request:
     /// `rates` rate limits were decided (then the lease, if any), at the plan's indices `at`.
     fn finish(
         self: &Arc<Self>,
-        mut owned: Plan,
+        plan: &mut Plan,
         answer: Guarded<Leased>,
         rates: usize,
         at: &Indices,
@@ -256,23 +249,23 @@ impl Shared {
             Guarded::Store(leased) => (leased, true),
             Guarded::Local(leased) => (leased, false),
             Guarded::Open => {
-                Self::store_failed(&owned);
-                return self.fail_open(&owned);
+                Self::store_failed(plan);
+                return self.fail_open(plan);
             }
             Guarded::Closed => {
-                Self::store_failed(&owned);
-                return Next::Respond(response::unavailable(self.store.retry_after_unavailable()));
+                Self::store_failed(plan);
+                return Next::respond(response::unavailable(self.store.retry_after_unavailable()));
             }
         };
         let lease = leased.lease.and_then(|id| {
-            owned.take_lease_key().map(|key| LeaseGuard {
+            plan.take_lease_key().map(|key| LeaseGuard {
                 shared: Arc::clone(self),
                 key,
                 id,
                 local: !from_store,
             })
         });
-        let plan = &owned;
+        let plan = &*plan;
         let verdict = leased.verdict;
         // The headers report a rate limit: a lease's decision (after the limits') binds only
         // when it denies.
@@ -293,12 +286,12 @@ impl Shared {
         if verdict.is_allowed() {
             count(plan, outcome::ALLOWED);
             tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::ALLOWED, "rate limit");
-            return self.forward(owned, binding, decision, verdict.delay(), false, lease);
+            return self.forward(plan, binding, decision, verdict.delay(), false, lease);
         }
         if plan.policy.is_shadow() {
             count(plan, outcome::SHADOW_LIMITED);
             tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::SHADOW_LIMITED, "rate limit");
-            return self.forward(owned, binding, decision, Duration::ZERO, true, None);
+            return self.forward(plan, binding, decision, Duration::ZERO, true, None);
         }
         self.refuse(plan, &verdict, at, binding, decision, from_store)
     }
@@ -357,18 +350,20 @@ impl Shared {
         Next::Forward {
             after: None,
             delay: Duration::ZERO,
-            extension: self.decision_extension.then(|| RateLimitDecision {
-                tier: Arc::clone(plan.tier_name()),
-                policy: Arc::clone(plan.tier_name()),
-                decision: Decision {
-                    outcome: Outcome::Allowed,
-                    limit: plan.tier_limit().quota.limit(),
-                    remaining: 0,
-                    reset_after: Duration::ZERO,
-                    retry_after: Duration::ZERO,
-                    delay: Duration::ZERO,
-                },
-                store_error: true,
+            extension: self.decision_extension.then(|| {
+                Box::new(RateLimitDecision {
+                    tier: Arc::clone(plan.tier_name()),
+                    policy: Arc::clone(plan.tier_name()),
+                    decision: Decision {
+                        outcome: Outcome::Allowed,
+                        limit: plan.tier_limit().quota.limit(),
+                        remaining: 0,
+                        reset_after: Duration::ZERO,
+                        retry_after: Duration::ZERO,
+                        delay: Duration::ZERO,
+                    },
+                    store_error: true,
+                })
             }),
             extra: None,
         }
@@ -385,23 +380,25 @@ impl Shared {
             .find(|(_, d)| d.outcome == Outcome::InsufficientCapacity)
             .unwrap_or((0, &verdict.decisions()[0]));
         let i = at.get(i);
-        Next::Respond(response::too_costly(plan.cost_of(i), plan.name(i), d.limit))
+        Next::respond(response::too_costly(plan.cost_of(i), plan.name(i), d.limit))
     }
 
     fn forward(
         self: &Arc<Self>,
-        plan: Plan,
+        plan: &Plan,
         binding: usize,
         decision: Decision,
         delay: Duration,
         shadow: bool,
         lease: Option<LeaseGuard>,
     ) -> Next {
-        let extension = self.decision_extension.then(|| RateLimitDecision {
-            tier: Arc::clone(plan.tier_name()),
-            policy: Arc::clone(&plan.limit(binding).name),
-            decision,
-            store_error: false,
+        let extension = self.decision_extension.then(|| {
+            Box::new(RateLimitDecision {
+                tier: Arc::clone(plan.tier_name()),
+                policy: Arc::clone(&plan.limit(binding).name),
+                decision,
+                store_error: false,
+            })
         });
         let mode = plan.policy.header_mode();
         let slot = plan.slot(binding);
@@ -410,34 +407,31 @@ impl Shared {
             _ => None,
         };
         let in_flight = self.adaptive.as_ref().map(|a| a.controller.start());
-        // The policy goes to the headers; a route charging failures keeps the plan for the
-        // charge.
-        let (policy, charge) = if plan.charges_failures() {
-            let policy = Arc::clone(&plan.policy);
-            let charge = DeferredCharge {
-                shared: Arc::clone(self),
-                plan,
-            };
-            (policy, Some(charge))
-        } else {
-            (plan.policy, None)
-        };
+        // A route charging failures keeps a copy of the plan for the charge.
+        let charge = plan.charges_failures().then(|| DeferredCharge {
+            shared: Arc::clone(self),
+            plan: plan.clone(),
+        });
         // Without headers to write (or a shadow Retry-After to remove), nothing to do afterwards.
         let after = (mode != HeaderMode::None || shadow).then(|| After {
             mode,
             slot,
-            policy,
+            policy: Arc::clone(&plan.policy),
             effective,
             decision,
             shadow,
         });
-        let extra = (lease.is_some() || charge.is_some() || in_flight.is_some()).then(|| {
-            Box::new(Extra {
+        // An `if`, not `bool::then`: a closure would take the (large) charge by value, a copy
+        // on every request.
+        let extra = if lease.is_some() || charge.is_some() || in_flight.is_some() {
+            Some(Box::new(Extra {
                 lease,
                 charge,
                 in_flight,
-            })
-        });
+            }))
+        } else {
+            None
+        };
         Next::Forward {
             after,
             delay,
@@ -459,23 +453,15 @@ impl Shared {
         let names: Vec<&str> = violated.iter().map(|&i| plan.name(i)).collect();
         tracing::debug!(tier = %plan.tier_name(), key = %KeyHash(plan.key()), outcome = outcome::LIMITED, cached, policy = plan.name(binding), "rate limit");
         if plan.is_concurrency(binding) {
-            return Next::Respond(response::too_many_in_flight(&names, decision.retry_after));
+            return Next::respond(response::too_many_in_flight(&names, decision.retry_after));
         }
-        Next::Respond(response::too_many_requests(
+        Next::respond(response::too_many_requests(
             &names,
             plan.limit(binding),
             plan.policy.header_mode(),
             &decision,
         ))
     }
-}
-
-/// What the check of a route that charges only failures found.
-enum Checked {
-    /// Room left: decide the plan.
-    Go(Plan),
-    /// The answer, without deciding.
-    Answered(Next),
 }
 
 /// A caller's key in logs: shown as its 128-bit fingerprint, computed only when a log line is

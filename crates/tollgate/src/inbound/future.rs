@@ -70,7 +70,8 @@ pin_project! {
             extra: Option<Box<Extra>>,
         },
         Respond {
-            response: Option<Response<Bytes>>,
+            // Boxed: a state as big as a response would make every request's future bigger.
+            response: Option<Box<Response<Bytes>>>,
         },
     }
 }
@@ -116,7 +117,7 @@ impl<F, S, B, KF> ResponseFuture<F, S, B, KF> {
     }
 
     /// Answered without the inner service.
-    pub(crate) fn respond(response: Response<Bytes>) -> Self {
+    pub(crate) fn respond(response: Box<Response<Bytes>>) -> Self {
         ResponseFuture {
             state: State::Respond {
                 response: Some(response),
@@ -173,7 +174,7 @@ where
                     let (p, policy) = pending.take().expect(POLLED_AFTER_COMPLETION);
                     match identity {
                         Err(rejection) => State::Respond {
-                            response: Some(p.shared.reject(&rejection)),
+                            response: Some(Box::new(p.shared.reject(&rejection))),
                         },
                         Ok(identity) => match p.shared.plan(policy, identity, &p.request) {
                             Planned::Decided(next) => Self::advance(next, p),
@@ -217,7 +218,7 @@ where
                 }
                 StateProj::Respond { response } => {
                     let response = response.take().expect(POLLED_AFTER_COMPLETION);
-                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                    return Poll::Ready(Ok((*response).map(ResponseBody::full)));
                 }
             };
             this.state.set(next);
@@ -241,7 +242,7 @@ where
                 extra,
             } => {
                 if let Some(extension) = extension {
-                    p.request.extensions_mut().insert(extension);
+                    p.request.extensions_mut().insert(*extension);
                 }
                 if delay.is_zero() {
                     State::Call {
@@ -304,7 +305,7 @@ mod tests {
     where
         S: Service<Request<()>>,
     {
-        ResponseFuture::respond(Response::new(Bytes::from_static(b"no")))
+        ResponseFuture::respond(Box::new(Response::new(Bytes::from_static(b"no"))))
     }
 
     #[test]

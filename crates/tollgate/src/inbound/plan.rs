@@ -10,19 +10,28 @@ use tollgate_core::{Lease, Limit};
 use super::identity::TIER_KEY_EXTRA;
 use super::policy::{Charge, LimitInfo, Policy, Tier};
 
-/// One of the limits of a request.
+/// One of the limits of a request. Indices are 16 bits (a policy holds at most
+/// [`MAX_RULES`](super::policy::MAX_RULES) tiers and routes), so a slot is 6 bytes and a plan small enough to move
+/// without a call to `memcpy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Slot {
     /// The caller's tier (at this index of the policy's tiers).
-    Tier(usize),
+    Tier(u16),
     /// The per-caller limit of the route at `route`, for the caller's tier at `tier`.
-    Route { route: usize, tier: usize },
+    Route { route: u16, tier: u16 },
     /// The limit of the route at this index shared by every caller.
-    Shared(usize),
+    Shared(u16),
     /// The whole-service limit.
     Global,
     /// The concurrency cap of the tier at this index.
-    Concurrency(usize),
+    Concurrency(u16),
+}
+
+/// A tier's or a route's index as a plan keeps it: in 16 bits, which
+/// [`MAX_RULES`](super::policy::MAX_RULES) (checked when the policy is built) guarantees.
+fn short(index: usize) -> u16 {
+    u16::try_from(index)
+        .expect("a policy holds at most 65,535 tiers and routes (checked when built)")
 }
 
 impl Slot {
@@ -30,9 +39,15 @@ impl Slot {
     /// which has no rate-limit headers).
     pub(crate) fn limit(self, policy: &Policy) -> Option<&Arc<LimitInfo>> {
         match self {
-            Slot::Tier(i) => Some(&policy.tier_at(i).limit),
-            Slot::Route { route, tier } => policy.route_limits(route).per_caller(tier),
-            Slot::Shared(r) => policy.route_limits(r).shared.as_ref().map(|(l, _)| l),
+            Slot::Tier(i) => Some(&policy.tier_at(usize::from(i)).limit),
+            Slot::Route { route, tier } => policy
+                .route_limits(usize::from(route))
+                .per_caller(usize::from(tier)),
+            Slot::Shared(r) => policy
+                .route_limits(usize::from(r))
+                .shared
+                .as_ref()
+                .map(|(l, _)| l),
             Slot::Global => policy.global_limit(),
             Slot::Concurrency(_) => None,
         }
@@ -43,32 +58,40 @@ impl Slot {
 /// whole-service limit, and a concurrency cap.
 pub(crate) const MAX_SLOTS: usize = 5;
 
+/// The most rate limits a request has: its slots but the concurrency cap (a lease, not a rate).
+/// The limits of a request fit in 4 × 32 bytes, which the compiler moves without `memcpy`.
+const MAX_RATES: usize = MAX_SLOTS - 1;
+
 /// The limits of one request, owned so a decision can outlive the call that built it.
 ///
 /// They are, in this order: the caller's tier, the route's per-caller limit and its shared limit
 /// (if the request matched a route that has them), the whole-service limit (if the policy has
 /// one), and the tier's concurrency cap (if it has one). Decisions and denials refer to them by
 /// their index in this order.
+///
+/// It is kept under 128 bytes (a test checks), the most the compiler moves with a few vector
+/// stores instead of a call to `memcpy`.
+#[derive(Clone)]
 pub(crate) struct Plan {
     pub(crate) policy: Arc<Policy>,
     /// The caller's tier (an index into the policy's tiers).
-    tier: usize,
+    tier: u16,
     /// The route rule the request matched (an index into the policy's routes).
-    route: Option<usize>,
+    route: Option<u16>,
     /// The tier's bucket key, `{<identity key>}:t:<tier>`, written around the identity key's own
     /// string: the identity key is `tier_key[1..=key_len]`.
     tier_key: String,
     key_len: usize,
     /// The bucket key of the route's per-caller limit, `{<identity key>}:r:<route>`, when it has
     /// one.
-    route_key: Option<String>,
+    route_key: Option<Box<str>>,
     /// The key of the caller's concurrency leases, `{<identity key>}:c:<tier>`, when the tier
     /// caps them.
-    lease_key: Option<String>,
+    lease_key: Option<Box<str>>,
     /// What the request costs against the tier and the route's limits.
     cost: u32,
     slots: [Slot; MAX_SLOTS],
-    n: usize,
+    n: u8,
     /// The route charges only failures: its limits are checked first and charged after a
     /// response of 400 or more.
     deferred: bool,
@@ -81,14 +104,14 @@ const GLOBAL_KEY: &str = "global";
 
 /// Which limits of a plan one store call covers, by their index in the plan.
 pub(crate) struct Indices {
-    at: [usize; MAX_SLOTS],
-    n: usize,
+    at: [u8; MAX_SLOTS],
+    n: u8,
 }
 
 impl Indices {
     /// The index in the plan of the `i`th limit of the call.
     pub(crate) fn get(&self, i: usize) -> usize {
-        self.at[i.min(self.n.saturating_sub(1))]
+        usize::from(self.at[i.min(usize::from(self.n.saturating_sub(1)))])
     }
 }
 
@@ -125,21 +148,25 @@ impl Plan {
             out.push_str(kind);
             out.push(':');
             out.push_str(name);
-            out
+            out.into_boxed_str()
         };
+        let (tier_index, tier) = (tier, short(tier));
         let mut slots = [Slot::Tier(tier); MAX_SLOTS];
         let mut n = 1;
         let mut route_key = None;
         let mut deferred = false;
         if let Some(r) = route {
             let limits = policy.route_limits(r);
-            if limits.per_caller(tier).is_some() {
+            if limits.per_caller(tier_index).is_some() {
                 route_key = Some(caller_key("r", policy.route_at(r).name()));
-                slots[n] = Slot::Route { route: r, tier };
+                slots[n] = Slot::Route {
+                    route: short(r),
+                    tier,
+                };
                 n += 1;
             }
             if limits.shared.is_some() {
-                slots[n] = Slot::Shared(r);
+                slots[n] = Slot::Shared(short(r));
                 n += 1;
             }
             deferred = n > 1 && policy.route_at(r).charges() == Charge::Failures;
@@ -156,14 +183,15 @@ impl Plan {
         Plan {
             policy,
             tier,
-            route,
+            route: route.map(short),
             tier_key,
             key_len,
             route_key,
             lease_key,
             cost,
             slots,
-            n,
+            // At most `MAX_SLOTS`.
+            n: n as u8,
             deferred,
             effective,
         }
@@ -175,7 +203,7 @@ impl Plan {
     }
 
     pub(crate) fn tier(&self) -> &Tier {
-        self.policy.tier_at(self.tier)
+        self.policy.tier_at(usize::from(self.tier))
     }
 
     pub(crate) fn tier_name(&self) -> &Arc<str> {
@@ -194,7 +222,7 @@ impl Plan {
 
     /// Which limit of the request is at `index`.
     pub(crate) fn slot(&self, index: usize) -> Slot {
-        self.slots[index.min(self.n - 1)]
+        self.slots[index.min(usize::from(self.n) - 1)]
     }
 
     /// The limit at `index`: its name, quota and headers (the tier's for a concurrency cap,
@@ -232,7 +260,7 @@ impl Plan {
             Slot::Route { .. } => self.route_key.as_deref().unwrap_or(&self.tier_key),
             Slot::Shared(r) => self
                 .policy
-                .route_limits(r)
+                .route_limits(usize::from(r))
                 .shared
                 .as_ref()
                 .map_or(GLOBAL_KEY, |(_, key)| key),
@@ -250,18 +278,20 @@ impl Plan {
 
     /// The rate limits to decide and charge now, in an array (the first `n` are used; no
     /// allocation), with their indices in the plan.
-    pub(crate) fn limits(&self) -> ([Limit<'_>; MAX_SLOTS], usize, Indices) {
+    pub(crate) fn limits(&self) -> ([Limit<'_>; MAX_RATES], usize, Indices) {
         // The tier's limit is always the first, charged now (`Plan::new`): built once.
         debug_assert!(matches!(self.slot(0), Slot::Tier(_)) && !self.is_deferred(0));
         let first = self.limit_at(0, self.cost);
-        let mut limits = [first; MAX_SLOTS];
+        let mut limits = [first; MAX_RATES];
         let mut at = [0; MAX_SLOTS];
         let mut n = 1;
         for index in 1..self.n {
-            if matches!(self.slot(index), Slot::Concurrency(_)) || self.is_deferred(index) {
+            if matches!(self.slot(usize::from(index)), Slot::Concurrency(_))
+                || self.is_deferred(usize::from(index))
+            {
                 continue;
             }
-            limits[n] = self.limit_at(index, self.cost_of(index));
+            limits[n] = self.limit_at(usize::from(index), self.cost_of(usize::from(index)));
             at[n] = index;
             n += 1;
         }
@@ -269,7 +299,8 @@ impl Plan {
         if self.lease_key.is_some() {
             at[n] = self.n - 1;
         }
-        (limits, n, Indices { at, n: n + 1 })
+        // `n` is at most `MAX_RATES`.
+        (limits, n, Indices { at, n: n as u8 + 1 })
     }
 
     /// The route's limits that charge only failures, at the request's cost, with their indices:
@@ -281,13 +312,14 @@ impl Plan {
         let mut at = [0; MAX_SLOTS];
         let mut n = 0;
         for index in 0..self.n {
-            if self.is_deferred(index) {
-                limits[n] = self.limit_at(index, self.cost);
+            if self.is_deferred(usize::from(index)) {
+                limits[n] = self.limit_at(usize::from(index), self.cost);
                 at[n] = index;
                 n += 1;
             }
         }
-        (limits, n, Indices { at, n })
+        // `n` is at most 2.
+        (limits, n, Indices { at, n: n as u8 })
     }
 
     /// Whether the route's limits are charged only after a failed response.
@@ -305,7 +337,7 @@ impl Plan {
     /// The key of the caller's leases, taken to give a lease back later (the plan's lease is
     /// decided by then).
     pub(crate) fn take_lease_key(&mut self) -> Option<String> {
-        self.lease_key.take()
+        self.lease_key.take().map(String::from)
     }
 
     /// Whether the limit at `index` is the concurrency cap.
@@ -321,7 +353,7 @@ impl Plan {
             Some(r) => Cow::Owned(format!(
                 "{}\u{0}{}",
                 self.tier_key,
-                self.policy.route_at(r).name()
+                self.policy.route_at(usize::from(r)).name()
             )),
             None => Cow::Borrowed(&self.tier_key),
         }

@@ -211,7 +211,21 @@ pub enum PolicyError {
     /// A concurrency cap of 0, or a lease time of 0.
     #[error("tier `{0}`: a concurrency cap and its lease time must be more than 0")]
     ZeroConcurrency(String),
+    /// More tiers, or more routes, than a policy holds.
+    #[error("a policy holds at most {max} {what}; this one has {count}")]
+    TooMany {
+        /// `tiers` or `routes`.
+        what: &'static str,
+        /// How many it has.
+        count: usize,
+        /// The most it may have.
+        max: usize,
+    },
 }
+
+/// The most tiers, and the most routes, a policy holds: a request's plan keeps their indices in
+/// 16 bits, which keeps the plan small enough to move without a copy loop.
+pub(crate) const MAX_RULES: usize = u16::MAX as usize;
 
 /// Everything the inbound layer enforces, immutable once built; swap a whole new one in with
 /// [`PolicyHandle::set`] (a configuration reload keeps the bucket state, which lives in the store).
@@ -414,6 +428,15 @@ impl PolicyBuilder {
 
     /// Checks and builds the policy.
     pub fn build(self) -> Result<Policy, PolicyError> {
+        for (what, count) in [("tiers", self.tiers.len()), ("routes", self.routes.len())] {
+            if count > MAX_RULES {
+                return Err(PolicyError::TooMany {
+                    what,
+                    count,
+                    max: MAX_RULES,
+                });
+            }
+        }
         let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
         for (name, quota) in self.tiers {
             if tiers.iter().any(|t| t.limit.name == name) {
@@ -694,6 +717,37 @@ mod tests {
                 .build(),
             Err(PolicyError::CostTooHigh { .. })
         ));
+    }
+
+    /// A plan keeps tier and route indices in 16 bits: a policy with more is refused, not
+    /// decided with indices cut short.
+    #[test]
+    fn more_tiers_or_routes_than_a_plan_indexes_are_refused() {
+        let q = Quota::per_second(1).unwrap();
+        let routes = (0..=MAX_RULES).fold(Policy::builder().tier("a", q), |b, i| {
+            b.route(Route::new(&format!("/r{i}")))
+        });
+        assert_eq!(
+            routes.build().unwrap_err(),
+            PolicyError::TooMany {
+                what: "routes",
+                count: MAX_RULES + 1,
+                max: MAX_RULES
+            }
+        );
+        let tiers = (0..=MAX_RULES).fold(Policy::builder(), |b, i| b.tier(&format!("t{i}"), q));
+        assert!(matches!(
+            tiers.build(),
+            Err(PolicyError::TooMany { what: "tiers", .. })
+        ));
+        let most = (0..MAX_RULES).fold(Policy::builder().tier("a", q), |b, i| {
+            b.route(Route::new(&format!("/r{i}")))
+        });
+        let policy = most.build().expect("the most routes a policy holds");
+        assert_eq!(
+            policy.route_index(&Method::GET, "/r65534"),
+            Some(MAX_RULES - 1)
+        );
     }
 
     #[test]

@@ -94,7 +94,9 @@ where
         if let Some(identity) = self.extractor.extract_now(&request) {
             let identity = match identity {
                 Ok(identity) => identity,
-                Err(rejection) => return ResponseFuture::respond(self.shared.reject(&rejection)),
+                Err(rejection) => {
+                    return ResponseFuture::respond(Box::new(self.shared.reject(&rejection)));
+                }
             };
             return match self.shared.plan(policy, identity, &request) {
                 Planned::Decided(Next::Forward {
@@ -104,7 +106,7 @@ where
                     extra,
                 }) if delay.is_zero() => {
                     if let Some(extension) = extension {
-                        request.extensions_mut().insert(extension);
+                        request.extensions_mut().insert(*extension);
                     }
                     ResponseFuture::forwarded(self.inner.call(request), after, extra)
                 }

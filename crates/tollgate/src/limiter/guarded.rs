@@ -6,11 +6,11 @@
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tollgate_core::{
-    DynStore, Lease, LeaseId, Leased, Limit, MemoryStore, Quota, Reservation, Reserve, StoreError,
-    Verdict,
+    DynStore, Lease, LeaseId, Leased, Limit, MemoryStore, Quota, Reservation, Reserve, Stopwatch,
+    StoreError, Verdict,
 };
 
 use super::breaker::{Admission, BreakerConfig, CircuitBreaker};
@@ -154,7 +154,7 @@ impl GuardedStore {
 
     /// Decides at once when the store needs no I/O (`MemoryStore`); `None` otherwise.
     pub(crate) fn decide_now(&self, limits: &[Limit<'_>]) -> Option<Guarded<Verdict>> {
-        let started = Instant::now();
+        let started = Stopwatch::start();
         let result = self.store.decide_now_dyn(limits)?;
         self.latency().record(started.elapsed().as_secs_f64());
         Some(match result {
@@ -185,7 +185,7 @@ impl GuardedStore {
         limits: &[Limit<'_>],
         lease: &Lease<'_>,
     ) -> Option<Guarded<Leased>> {
-        let started = Instant::now();
+        let started = Stopwatch::start();
         let result = self.store.decide_leased_now_dyn(limits, lease)?;
         self.latency().record(started.elapsed().as_secs_f64());
         Some(match result {
@@ -324,7 +324,7 @@ impl GuardedStore {
         if admission == Admission::Fallback {
             return self.unavailable(fallback);
         }
-        let started = Instant::now();
+        let started = Stopwatch::start();
         let result = tokio::time::timeout(self.timeout, call)
             .await
             .unwrap_or_else(|_| Err(StoreError::timeout()));
