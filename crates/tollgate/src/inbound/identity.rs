@@ -26,20 +26,46 @@ impl Identity {
     /// An identity with `key` in `tier`. Keys longer than
     /// [`MAX_KEY_LEN`](crate::http::key::MAX_KEY_LEN) are replaced by their fingerprint.
     pub fn new(key: &str, tier: impl Into<Arc<str>>) -> Identity {
-        Identity {
-            key: bounded_key(key).into_owned(),
-            tier: tier.into(),
-        }
+        let tier = tier.into();
+        let bounded = bounded_key(key);
+        let mut owned = key_buffer(bounded.len(), &tier);
+        owned.push_str(&bounded);
+        Identity { key: owned, tier }
     }
 }
 
 /// What the layer appends to an identity key to make its tier's bucket key (`{<key>}:t:<tier>`).
 pub(crate) const TIER_KEY_EXTRA: usize = "{}:t:".len();
 
+/// The largest key buffer kept for reuse (a bounded key with its tier suffix fits many times).
+const MAX_SPARE: usize = 1024;
+
+thread_local! {
+    /// The key buffer of the last plan this thread dropped, emptied, for the next request's key:
+    /// one allocation and one free fewer per request (about 120 of the layer's instructions).
+    static SPARE: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };
+}
+
 /// An empty key with room for `len` bytes and the tier suffix the layer appends, so building the
-/// bucket key does not reallocate.
+/// bucket key does not reallocate: the buffer a plan gave back on this thread when it is large
+/// enough, else a new one.
 fn key_buffer(len: usize, tier: &str) -> String {
-    String::with_capacity(len + TIER_KEY_EXTRA + tier.len())
+    let need = len + TIER_KEY_EXTRA + tier.len();
+    // `try_with`: during a thread's teardown the spare may be gone already.
+    match SPARE.try_with(std::cell::Cell::take) {
+        Ok(Some(spare)) if spare.capacity() >= need => spare,
+        _ => String::with_capacity(need),
+    }
+}
+
+/// Gives a plan's key buffer back for the next request on this thread (emptied first: nothing of
+/// one caller's key is handed to the next but the memory a freed buffer would also keep).
+pub(crate) fn give_back(mut key: String) {
+    if key.capacity() <= MAX_SPARE {
+        key.clear();
+        // A plan dropped while its thread is torn down frees its key instead.
+        let _ = SPARE.try_with(|spare| spare.set(Some(key)));
+    }
 }
 
 /// `prefix` followed by `rest`, as [`bounded_key`] bounds it, with room for the tier suffix.

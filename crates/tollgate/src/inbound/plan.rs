@@ -99,6 +99,13 @@ pub(crate) struct Plan {
     effective: Option<Arc<LimitInfo>>,
 }
 
+impl Drop for Plan {
+    /// The tier key's buffer goes back to the thread's spare, for the next request's key.
+    fn drop(&mut self) {
+        super::identity::give_back(std::mem::take(&mut self.tier_key));
+    }
+}
+
 /// The key of the whole-service limit.
 const GLOBAL_KEY: &str = "global";
 

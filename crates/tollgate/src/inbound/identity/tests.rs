@@ -152,3 +152,27 @@ fn a_request_without_a_peer_address_is_not_guessed_at() {
     let id = now(KeyExtractor::<()>::extract(&shared, &bare)).unwrap();
     assert_eq!((id.key.as_str(), &*id.tier), ("ip:unknown", "anonymous"));
 }
+
+/// A plan's key buffer, given back, is the next key's on the same thread: emptied, so the next
+/// key is its own and nothing else; one too large to keep is let go.
+#[test]
+fn a_key_buffer_given_back_is_reused_empty() {
+    let first = Identity::new("user:alice-with-a-long-name", "pro");
+    let (ptr, capacity) = (first.key.as_ptr(), first.key.capacity());
+    give_back(first.key);
+    let second = Identity::new("user:bob", "pro");
+    assert_eq!(second.key, "user:bob");
+    assert_eq!(second.key.as_ptr(), ptr, "the buffer given back");
+    assert_eq!(second.key.capacity(), capacity);
+    // Too small for the next key: a new buffer.
+    give_back(second.key);
+    let long = "x".repeat(60);
+    let third = Identity::new(&long, "pro");
+    assert_eq!(third.key, long);
+    assert_ne!(third.key.as_ptr(), ptr);
+    // Too large to keep: not reused.
+    give_back(String::with_capacity(MAX_SPARE + 1));
+    let fourth = Identity::new("user:carol", "pro");
+    assert!(fourth.key.capacity() <= MAX_SPARE);
+    assert_eq!(fourth.key, "user:carol");
+}
