@@ -11,8 +11,8 @@ use super::identity::TIER_KEY_EXTRA;
 use super::policy::{Charge, LimitInfo, Policy, Tier};
 
 /// One of the limits of a request. Indices are 16 bits (a policy holds at most
-/// [`MAX_RULES`](super::policy::MAX_RULES) tiers and routes), so a slot is 6 bytes and a plan small enough to move
-/// without a call to `memcpy`.
+/// [`MAX_RULES`](super::policy::MAX_RULES) tiers and routes), so a slot is 6 bytes and a plan
+/// small enough to move without a call to `memcpy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Slot {
     /// The caller's tier (at this index of the policy's tiers).
