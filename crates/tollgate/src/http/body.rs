@@ -63,8 +63,7 @@ pin_project! {
 type Before = std::sync::Mutex<Pin<Box<dyn Future<Output = ()> + Send>>>;
 
 /// What a body holds until it ends (`None` once it has).
-#[derive(Default)]
-pub(crate) struct Held(Option<Holding>);
+struct Held(Option<Holding>);
 
 struct Holding {
     /// Let go of (dropped) when the body ends.
